@@ -1,0 +1,1 @@
+"""Control: presets, their schema and hot reload, OBS bridge."""

@@ -1,0 +1,1 @@
+"""Diffusion core: model loading, the StreamDiffusion pipeline, the similarity filter. No I/O."""

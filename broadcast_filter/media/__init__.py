@@ -1,0 +1,1 @@
+"""Video I/O: frame conversion, sources and sinks."""

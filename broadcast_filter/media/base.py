@@ -1,0 +1,101 @@
+"""The contracts every video source and sink keeps, and the registries that name them.
+
+A *source* yields RGB frames at its own pace; a *sink* takes RGB frames at the output's pace.
+Both are context managers; ``close()`` is called exactly once and must not raise.
+Frames are ``numpy.ndarray`` of shape ``(H, W, 3)``, dtype ``uint8``, RGB, C-contiguous.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+
+class MediaError(RuntimeError):
+    """A source or sink cannot be opened or used; the message says what to do."""
+
+
+class SourceLost(MediaError):
+    """A live source stopped delivering (publisher gone, device unplugged); it may come back."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured frame with the time it entered the process (``time.monotonic()``)."""
+
+    image: np.ndarray
+    captured_at: float = field(default_factory=time.monotonic)
+    index: int = 0
+
+
+class Source(abc.ABC):
+    """A video source. ``frames()`` blocks until the next frame and ends at end of stream."""
+
+    #: registry key and URL scheme, e.g. ``"testsrc"``, ``"file"``, ``"rtmp"``
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    def frames(self) -> Iterator[Frame]:
+        """Yield frames at the source's own rate; raise :class:`SourceLost` on a live drop."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the device, socket or file."""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether this source kind can run on this machine (libraries, protocols present)."""
+        return True
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sink(abc.ABC):
+    """A video sink, opened for one size and rate. ``send`` must not block for long."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, *, width: int, height: int, fps: float) -> None:
+        self.width, self.height, self.fps = width, height, fps
+
+    @abc.abstractmethod
+    def send(self, image: np.ndarray) -> None:
+        """Deliver one ``(height, width, 3)`` uint8 RGB frame."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release; called exactly once."""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+SourceFactory = Callable[..., Source]
+SinkFactory = Callable[..., Sink]
+
+SOURCES: dict[str, SourceFactory] = {}
+SINKS: dict[str, SinkFactory] = {}
+
+
+def register_source(kind: str, factory: SourceFactory) -> None:
+    """Register a source kind; a later registration under the same name replaces it."""
+    SOURCES[kind] = factory
+
+
+def register_sink(kind: str, factory: SinkFactory) -> None:
+    """Register a sink kind; a later registration under the same name replaces it."""
+    SINKS[kind] = factory

@@ -1,0 +1,1 @@
+"""Runtime: engine threads, pacing, telemetry."""

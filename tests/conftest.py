@@ -1,0 +1,46 @@
+"""Shared fixtures: one thread for torch (2 shared cores), offline tiny models in a temp cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def require_tool(name: str) -> str:
+    """Path of an executable a real-peer test needs: skipped locally when missing, but a
+    failure under CI (``CI=true``), where ``.ci/run`` installs it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install it; .ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A per-session cache for offline models, so tests never touch the user's cache."""
+    return str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(model_cache: str):
+    """The offline ``tiny`` model (full VAE), loaded through the normal loader."""
+    from broadcast_filter.diffusion.models import ModelSpec, load_models
+
+    return load_models(ModelSpec(model="tiny", device="cpu", cache_dir=model_cache), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_taesd(model_cache: str):
+    """The offline ``tiny`` model with its tiny autoencoder (deterministic encode)."""
+    from broadcast_filter.diffusion.models import ModelSpec, load_models
+
+    spec = ModelSpec(model="tiny", taesd="tiny", device="cpu", cache_dir=model_cache)
+    return load_models(spec, progress=False)
