@@ -1,0 +1,198 @@
+"""Throughput of the stream pipeline against its alternatives, measured side by side.
+
+For each model, every variant runs one frame per round, round-robin, so slow drifts of a
+shared machine hit all variants alike; the per-variant figure is the median frame time.
+
+Ratios printed (>1 means the first named is faster):
+  stream_batch_speedup     Stream Batch vs sequential denoising (same levels, cfg none)
+  rcfg_self_speedup        cfg "self" vs "full" (both Stream Batch)
+  rcfg_initialize_speedup  cfg "initialize" vs "full"
+  vs_diffusers_speedup     ours vs diffusers' AutoPipelineForImage2Image called per frame,
+                           same weights, timesteps and guidance (1.0)
+  floor_ratio              ours (cfg none) vs a bare loop of VAE encode + the same UNet batch
+                           + VAE decode; 1.0 means no overhead at all
+
+    python scripts/bench_pipeline.py                       # tiny 128x128 + sd-turbo-arch 256x256
+    python scripts/bench_pipeline.py --json --models tiny --size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+
+from broadcast_filter.diffusion.models import ModelBundle, ModelSpec, load_models
+from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
+
+PROMPT = "an oil painting of a face, warm light"
+
+
+def stream_variant(
+    models: ModelBundle, size: int, levels: tuple[int, ...], **kw: object
+) -> Callable[[torch.Tensor], object]:
+    pipe = StreamPipeline(
+        models, StreamConfig(width=size, height=size, t_index_list=levels, guidance_scale=1.4, **kw)
+    )
+    pipe.set_prompt(PROMPT, "blurry")
+    return pipe
+
+
+def diffusers_variant(models: ModelBundle, levels: tuple[int, ...]) -> Callable:
+    base = StableDiffusionPipeline(
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        tokenizer=models.tokenizer,
+        unet=models.unet,
+        scheduler=models.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe = AutoPipelineForImage2Image.from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    models.scheduler.set_timesteps(50)
+    timesteps = [int(models.scheduler.timesteps[i]) for i in levels]
+
+    def run(image: torch.Tensor) -> object:
+        return pipe(
+            PROMPT,
+            image=image,
+            timesteps=timesteps,
+            strength=1.0,
+            guidance_scale=1.0,
+            output_type="pt",
+        ).images
+
+    return run
+
+
+def floor_variant(models: ModelBundle, size: int, levels: int) -> Callable:
+    """VAE encode + one UNet call on a batch of ``levels`` latents + VAE decode, nothing else."""
+    pipe = stream_variant(models, size, tuple(range(10, 10 + 10 * levels, 10)), cfg_type="none")
+    hidden = pipe.encode_prompt(PROMPT).cond.expand(levels, -1, -1)
+    timesteps = torch.full((levels,), 500, device=models.device)
+    latents = torch.zeros(
+        (levels - 1, 4, size // 8, size // 8), device=models.device, dtype=models.dtype
+    )
+    vae, unet = models.vae, models.unet
+
+    @torch.inference_mode()
+    def run(image: torch.Tensor) -> object:
+        encoded = vae.encode(image * 2 - 1)
+        z = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mode()
+        x0 = unet(torch.cat([z, latents]), timesteps, hidden).sample
+        return vae.decode(x0[-1:]).sample
+
+    return run
+
+
+def measure(variants: dict[str, Callable], image: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds per frame of each variant, run round-robin after one warm-up frame."""
+    sync = torch.cuda.synchronize if image.device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for run in variants.values():
+        run(image)
+    for _ in range(rounds):
+        for name, run in variants.items():
+            sync()
+            start = time.perf_counter()
+            run(image)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_model(model: str, size: int, rounds: int, device: str, taesd: str | None) -> dict:
+    models = load_models(ModelSpec(model=model, taesd=taesd, device=device), progress=True)
+    levels = (32, 45)
+    image = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
+    image = image.to(models.device, models.dtype)
+    variants = {
+        "stream_none": stream_variant(models, size, levels, cfg_type="none"),
+        "sequential_none": stream_variant(
+            models, size, levels, cfg_type="none", use_stream_batch=False
+        ),
+        "stream_self": stream_variant(models, size, levels, cfg_type="self"),
+        "stream_initialize": stream_variant(models, size, levels, cfg_type="initialize"),
+        "stream_full": stream_variant(models, size, levels, cfg_type="full"),
+        "diffusers_img2img": diffusers_variant(models, levels),
+        "floor": floor_variant(models, size, len(levels)),
+    }
+    with torch.inference_mode():
+        seconds = measure(variants, image, rounds)
+    fps = {name: 1.0 / s for name, s in seconds.items()}
+    return {
+        "model": models.name,
+        "size": f"{size}x{size}",
+        "levels": list(levels),
+        "device": str(models.device),
+        "dtype": str(models.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "fps": {k: round(v, 3) for k, v in fps.items()},
+        "stream_batch_speedup": round(fps["stream_none"] / fps["sequential_none"], 3),
+        "rcfg_self_speedup": round(fps["stream_self"] / fps["stream_full"], 3),
+        "rcfg_initialize_speedup": round(fps["stream_initialize"] / fps["stream_full"], 3),
+        "vs_diffusers_speedup": round(fps["stream_none"] / fps["diffusers_img2img"], 3),
+        "floor_ratio": round(fps["stream_none"] / fps["floor"], 3),
+    }
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"\n{result['model']}  {result['size']}  levels={result['levels']}  "
+        f"{result['device']}/{result['dtype']}  threads={result['threads']}  "
+        f"rounds={result['rounds']}"
+    )
+    for name, value in result["fps"].items():
+        print(f"  {name:<20} {value:9.3f} fps")
+    for key in (
+        "stream_batch_speedup",
+        "rcfg_self_speedup",
+        "rcfg_initialize_speedup",
+        "vs_diffusers_speedup",
+        "floor_ratio",
+    ):
+        print(f"  {key:<24} {result[key]:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["tiny:128", "sd-turbo-arch:256"],
+        help="MODEL[:SIZE] entries (default: tiny:128 sd-turbo-arch:256)",
+    )
+    parser.add_argument("--size", type=int, help="override every model's size")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--taesd", help='tiny autoencoder for every model (e.g. "tiny")')
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--json", action="store_true", help="one JSON object per model")
+    args = parser.parse_args()
+    diffusers_logging.set_verbosity_error()  # custom-timestep notices from the diffusers side
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for entry in args.models:
+        model, _, size = entry.partition(":")
+        result = bench_model(
+            model, args.size or int(size or 512), args.rounds, args.device, args.taesd
+        )
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print_table(result)
+
+
+if __name__ == "__main__":
+    main()
