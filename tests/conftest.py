@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from obs_fixtures import *  # noqa: F403  (the real headless OBS peer: obs_peer, obs_client, ...)
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,524 @@
+"""The OBS bridge, ``obs setup`` and ``obs status`` against a real, headless OBS Studio 29.
+
+Fixtures come from ``tests/obs_fixtures.py`` (one OBS per session). The daemon side is a
+small recording :class:`Commands`; the full-daemon version of these tests comes with the
+daemon. Latencies are printed (``pytest -s -k latency``), never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import threading
+import time
+from typing import Any
+
+import obsws_python
+import pytest
+
+from broadcast_filter.control.obs_bridge import (
+    ObsBridge,
+    ObsConfigError,
+    ObsSettings,
+    format_status,
+    parse_custom_event,
+)
+from broadcast_filter.control.obs_cli import add_obs_parser
+
+SECRET = "hunter2-not-logged"
+
+
+class RecordingCommands:
+    """A thread-safe :class:`Commands` that records each call with its ``perf_counter`` time."""
+
+    def __init__(self, presets: tuple[str, ...] = ("warm", "cool", "noir")) -> None:
+        self.presets = list(presets)
+        self.preset = self.presets[0]
+        self.bypass = False
+        self.calls: list[tuple[float, str, tuple]] = []
+        self._changed = threading.Condition()
+
+    def _record(self, name: str, *args: Any) -> None:
+        with self._changed:
+            self.calls.append((time.perf_counter(), name, args))
+            self._changed.notify_all()
+
+    def apply_preset(self, name: str) -> None:
+        if name not in self.presets:
+            raise KeyError(name)
+        self.preset = name
+        self._record("apply_preset", name)
+
+    def step_preset(self, offset: int) -> str:
+        index = (self.presets.index(self.preset) + offset) % len(self.presets)
+        self.preset = self.presets[index]
+        self._record("step_preset", offset)
+        return self.preset
+
+    def set_bypass(self, on: bool | None) -> bool:
+        self.bypass = not self.bypass if on is None else on
+        self._record("set_bypass", on)
+        return self.bypass
+
+    def set_param(self, name: str, value: Any) -> None:
+        if not isinstance(value, int | float):
+            raise ValueError(f"{name} must be a number")
+        self._record("set_param", name, value)
+
+    def prepare_preset(self, name: str) -> None:
+        self._record("prepare_preset", name)
+
+    def preset_names(self) -> list[str]:
+        return list(self.presets)
+
+    def status(self) -> dict[str, Any]:
+        return {"preset": self.preset, "bypass": self.bypass, "fps_out": 30.0, "latency_ms_p50": 80}
+
+    def wait_call(self, name: str, *args: Any, after: float, timeout: float = 5.0) -> float:
+        """The time of the first call ``name(*args)`` made after ``after``."""
+
+        def found() -> float | None:
+            return next(
+                (t for t, n, a in self.calls if t >= after and (n, a) == (name, args)), None
+            )
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no {name}{args} after {timeout} s; calls: {self.calls}")
+            return found()  # type: ignore[return-value]
+
+    def calls_since(self, after: float) -> list[tuple[str, tuple]]:
+        with self._changed:
+            return [(n, a) for t, n, a in self.calls if t >= after]
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def status_text(req: Any) -> str:
+    return req.get_input_settings("BF Status").input_settings.get("text", "")
+
+
+def report(label: str, seconds: list[float]) -> None:
+    ms = sorted(1000 * s for s in seconds)
+    p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+    print(
+        f"\n{label}: n={len(ms)} median {statistics.median(ms):.1f} ms, "
+        f"p95 {p95:.1f} ms, max {ms[-1]:.1f} ms"
+    )
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="broadcast-filter")
+    add_obs_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- settings, payloads and status text: no OBS needed --------------------------------------
+
+
+def test_settings_read_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BF_OBS_PW", SECRET)
+    settings = ObsSettings.from_mapping(
+        {
+            "host": "10.0.0.2",
+            "port": 4460,
+            "password_env": "BF_OBS_PW",
+            "scene_presets": {"Cam": "warm"},
+            "item_presets": {"Warm key": "warm", "Bypass key": "bypass"},
+            "controls_scene": "Keys",
+            "status_source": None,
+            "status_interval_s": 2,
+            "warm_preview": False,
+            "output_url": "srt://127.0.0.1:9000?mode=caller",
+            "output_format": "",
+        },
+        "daemon.yaml",
+    )
+    assert settings.password == SECRET
+    assert (settings.host, settings.port, settings.status_source) == ("10.0.0.2", 4460, None)
+    assert settings.item_presets["Bypass key"] == "bypass"
+    assert settings.status_interval_s == 2.0 and settings.warm_preview is False
+    assert "BF_OBS_PW" in settings.password_setting
+    assert SECRET not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        ({"port": "4455"}, "daemon.yaml: obs.port: expected int"),
+        ({"port": 70000}, "daemon.yaml: obs.port: must be 1..65535"),
+        ({"prot": 4455}, "daemon.yaml: obs.prot: unknown field"),
+        ({"scene_presets": {"Cam": 3}}, "daemon.yaml: obs.scene_presets.Cam: expected str"),
+        ({"status_interval_s": 0}, "daemon.yaml: obs.status_interval_s: must be > 0"),
+        ({"warm_preview": "yes"}, "daemon.yaml: obs.warm_preview: expected bool"),
+        ({"password": SECRET, "password_env": "X"}, "daemon.yaml: obs.password: give either"),
+        ({"password_env": "BF_UNSET_VAR"}, "obs.password_env: environment variable BF_UNSET_VAR"),
+    ],
+)
+def test_settings_errors_name_the_field(mapping: dict, expected: str) -> None:
+    with pytest.raises(ObsConfigError) as error:
+        ObsSettings.from_mapping(mapping, "daemon.yaml")
+    assert expected in str(error.value)
+    assert SECRET not in str(error.value)
+
+
+def test_custom_event_payloads_parse_to_actions() -> None:
+    parse = parse_custom_event
+    assert parse({"other_app": {"x": 1}}) is None
+    assert parse({"broadcast_filter": {"preset": "warm"}}) == [("preset", "warm")]
+    assert parse({"broadcast_filter": {"step": -1}}) == [("step", -1)]
+    assert parse({"broadcast_filter": {"bypass": "toggle"}}) == [("bypass", None)]
+    assert parse({"broadcast_filter": {"bypass": False}}) == [("bypass", False)]
+    assert parse({"broadcast_filter": {"set": {"guidance_scale": 1.4, "delta": 0.5}}}) == [
+        ("set", ("guidance_scale", 1.4)),
+        ("set", ("delta", 0.5)),
+    ]
+    assert parse({"broadcast_filter": {"bypass": True, "preset": "cool"}}) == [
+        ("preset", "cool"),
+        ("bypass", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "warm",
+        {},
+        {"preset": 3},
+        {"step": "1"},
+        {"step": True},
+        {"bypass": 1},
+        {"set": []},
+        {"jump": 1},
+    ],
+)
+def test_malformed_custom_event_payloads_are_rejected(command: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_custom_event({"broadcast_filter": command})
+
+
+def test_status_text_shows_preset_bypass_rate_and_latency() -> None:
+    status = {"preset": "warm", "bypass": False, "fps_out": 29.94, "latency_ms_p50": 141.6}
+    assert format_status(status) == "warm | 29.9 fps | 142 ms"
+    assert format_status({"preset": "warm", "bypass": True}) == "BYPASS (warm)"
+    assert format_status({}) == "-"
+
+
+def test_start_returns_at_once_and_retries_when_obs_is_absent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # nothing listens on port 1
+    settings = ObsSettings(port=1, reconnect_max_s=0.5, scene_presets={"Cam": "sepia"})
+    bridge = ObsBridge(settings, RecordingCommands())
+    started = time.perf_counter()
+    bridge.start()
+    assert time.perf_counter() - started < 0.05
+    wait_until(lambda: bridge.state == "disconnected", 5, "state disconnected")
+    assert "127.0.0.1:1" in (bridge.error or "")
+    assert "obs.scene_presets.Cam: unknown preset 'sepia'" in caplog.text
+    bridge.stop()
+    assert bridge.state == "stopped"
+
+
+# --- against a real OBS ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def commands() -> RecordingCommands:
+    return RecordingCommands()
+
+
+@pytest.fixture
+def bridge(obs_mapping: dict, obs_client: Any, commands: RecordingCommands) -> Any:
+    """A connected bridge, started with OBS on Scene A: "warm" applied and shown as status."""
+    obs_client.set_current_program_scene("Scene A")
+    instance = ObsBridge(ObsSettings.from_mapping(obs_mapping, "test"), commands).start()
+    wait_until(lambda: instance.state == "connected", 10, "the bridge to connect")
+    commands.wait_call("apply_preset", "warm", after=0)
+    wait_until(lambda: status_text(obs_client).startswith("warm |"), 5, "the first status text")
+    yield instance
+    instance.stop()
+
+
+@pytest.mark.slow
+def test_program_scene_switch_applies_mapped_preset_latency(
+    bridge: ObsBridge, obs_client: Any, commands: RecordingCommands
+) -> None:
+    latencies = []
+    for scene, preset in [("Scene B", "cool"), ("Scene A", "warm")] * 10:
+        sent = time.perf_counter()
+        obs_client.set_current_program_scene(scene)
+        latencies.append(commands.wait_call("apply_preset", preset, after=sent) - sent)
+    report("SetCurrentProgramScene -> apply_preset", latencies)
+    sent = time.perf_counter()
+    obs_client.set_current_program_scene("Scene C")  # not mapped: the preset stays
+    time.sleep(0.3)
+    assert [c for c in commands.calls_since(sent) if c[0] == "apply_preset"] == []
+
+
+@pytest.mark.slow
+def test_real_key_press_on_show_item_hotkey_switches_preset_latency(
+    bridge: ObsBridge, obs_peer: Any, obs_client: Any, commands: RecordingCommands
+) -> None:
+    def all_hidden() -> bool:
+        return not any(
+            i["sceneItemEnabled"]
+            for i in obs_client.get_scene_item_list(bridge.settings.controls_scene).scene_items
+        )
+
+    latencies = []
+    # F6 twice in a row: the bridge hides the item again, so the same key works again
+    for key, call in [
+        ("F7", ("apply_preset", "cool")),
+        ("F6", ("apply_preset", "warm")),
+        ("F6", ("apply_preset", "warm")),
+        ("F8", ("set_bypass", None)),
+        ("F8", ("set_bypass", None)),
+    ]:
+        pressed = time.perf_counter()
+        obs_peer.key(key, hold=0.2)  # OBS polls the keyboard; a loaded machine needs a long hold
+        latencies.append(commands.wait_call(call[0], *call[1:], after=pressed) - pressed)
+        wait_until(all_hidden, 5, "the bridge to hide the item again")
+        time.sleep(0.2)  # OBS loses show/hide presses closer than ~50 ms apart
+    report("X key down (xdotool) -> Commands call", latencies)
+    assert commands.bypass is False  # toggled twice
+
+
+@pytest.mark.slow
+def test_custom_events_drive_commands_and_malformed_ones_are_ignored_latency(
+    bridge: ObsBridge, obs_peer: Any, commands: RecordingCommands, caplog: pytest.LogCaptureFixture
+) -> None:
+    sender = obsws_python.ReqClient(**obs_peer.connection(), timeout=5)
+    reader = bridge._events  # a reconnect would replace it
+
+    def send(data: dict) -> float:
+        sent = time.perf_counter()
+        sender.broadcast_custom_event({"eventData": data})
+        return sent
+
+    latencies = []
+    for _ in range(3):
+        sent = send({"broadcast_filter": {"preset": "noir"}})
+        latencies.append(commands.wait_call("apply_preset", "noir", after=sent) - sent)
+        sent = send({"broadcast_filter": {"step": 1}})
+        latencies.append(commands.wait_call("step_preset", 1, after=sent) - sent)
+        sent = send({"broadcast_filter": {"bypass": True}})
+        latencies.append(commands.wait_call("set_bypass", True, after=sent) - sent)
+        sent = send({"broadcast_filter": {"set": {"guidance_scale": 1.4}}})
+        latencies.append(commands.wait_call("set_param", "guidance_scale", 1.4, after=sent) - sent)
+    report("BroadcastCustomEvent -> Commands call", latencies)
+
+    with caplog.at_level(logging.WARNING, logger="broadcast_filter.control.obs_bridge"):
+        for data in [
+            {"__slots__": 1},  # obsws-python's own event conversion raises on this key
+            {"broadcast_filter": "warm"},
+            {"broadcast_filter": {"bypass": "maybe"}},
+            {"broadcast_filter": {"jump": 1}},
+            {"broadcast_filter": {"preset": "no-such-preset"}},  # Commands raises KeyError
+            {"broadcast_filter": {"set": {"guidance_scale": "high"}}},  # Commands: ValueError
+            {"unrelated": True},
+        ]:
+            send(data)
+        sent = send({"broadcast_filter": {"preset": "cool", "bypass": "toggle"}})
+        commands.wait_call("apply_preset", "cool", after=sent)
+        commands.wait_call("set_bypass", None, after=sent)
+    sender.disconnect()
+    assert bridge.state == "connected" and bridge._events is reader and reader.worker.is_alive()
+    assert "ignored CustomEvent" in caplog.text and "no-such-preset" in caplog.text
+
+
+@pytest.mark.slow
+def test_studio_mode_preview_scene_prepares_its_preset(
+    bridge: ObsBridge, obs_client: Any, commands: RecordingCommands
+) -> None:
+    obs_client.set_studio_mode_enabled(True)
+    try:
+        time.sleep(0.2)
+        sent = time.perf_counter()
+        obs_client.set_current_preview_scene("Scene B")
+        commands.wait_call("prepare_preset", "cool", after=sent)
+        assert commands.preset == "warm"  # preview only prepares
+    finally:
+        obs_client.set_studio_mode_enabled(False)
+
+
+@pytest.mark.slow
+def test_status_text_source_shows_the_active_preset(
+    bridge: ObsBridge, obs_client: Any, commands: RecordingCommands
+) -> None:
+    obs_client.set_current_program_scene("Scene B")
+    wait_until(lambda: status_text(obs_client).startswith("cool |"), 5, "status text 'cool'")
+    obs_client.set_current_program_scene("Scene A")
+    wanted = "warm | 30.0 fps | 80 ms"
+    wait_until(lambda: status_text(obs_client) == wanted, 5, "status text 'warm'")
+
+
+@pytest.mark.slow
+def test_bridge_survives_obs_crash_and_close_without_blocking_the_caller(
+    bridge: ObsBridge, obs_peer: Any, commands: RecordingCommands
+) -> None:
+    ticks, gaps, done = [0], [0.0], threading.Event()
+
+    def video_path() -> None:  # what the daemon's frame loop does with the bridge
+        last = time.perf_counter()
+        while not done.is_set():
+            bridge.state  # noqa: B018 - the status line reads it every frame
+            now = time.perf_counter()
+            ticks[0], gaps[0], last = ticks[0] + 1, max(gaps[0], now - last), now
+            time.sleep(0.005)
+
+    ticker = threading.Thread(target=video_path)
+    ticker.start()
+    try:
+        obs_peer.kill()
+        wait_until(lambda: bridge.state == "disconnected", 5, "state disconnected")
+        before = ticks[0]
+        time.sleep(1.0)  # OBS is down: the bridge retries with backoff
+        assert ticks[0] > before
+        restarted = time.perf_counter()
+        obs_peer.launch(scene="Scene B")
+        obs_peer.wait_ready()
+        commands.wait_call("apply_preset", "cool", after=restarted, timeout=10)
+        seconds = time.perf_counter() - restarted
+        print(f"\nreconnected and applied 'cool' {seconds:.2f} s after the relaunch")
+        wait_until(lambda: bridge.state == "connected", 5, "state connected")
+
+        closing = time.perf_counter()
+        assert obs_peer.close()  # clean close: ExitStarted, the bridge lets go at once
+        print(f"clean OBS close with the bridge connected: {time.perf_counter() - closing:.2f} s")
+        relaunched = time.perf_counter()
+        obs_peer.launch(scene="Scene A")
+        obs_peer.wait_ready()
+        commands.wait_call("apply_preset", "warm", after=relaunched, timeout=10)
+        assert ticks[0] > before + 100
+    finally:
+        done.set()
+        ticker.join()
+    print(f"video-path ticks: {ticks[0]}, longest gap {1000 * gaps[0]:.0f} ms")
+    assert gaps[0] < 0.5
+
+
+@pytest.mark.slow
+def test_wrong_password_is_a_clear_error_naming_the_setting(
+    obs_peer: Any,
+    obs_mapping: dict,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("BF_TEST_OBS_PASSWORD", SECRET)
+    mapping = {k: v for k, v in obs_mapping.items() if k != "password"}
+    env = "BF_TEST_OBS_PASSWORD"
+    for extra, setting in [({"password": SECRET}, "obs.password"), ({"password_env": env}, env)]:
+        commands = RecordingCommands()
+        bridge = ObsBridge(ObsSettings.from_mapping(mapping | extra, "test"), commands).start()
+        try:
+            wait_until(lambda b=bridge: b.state == "auth failed", 5, "state 'auth failed'")
+            assert setting in (bridge.error or "") and "refused the password" in bridge.error
+            assert commands.calls == []
+        finally:
+            bridge.stop()
+    code, _, err = run_cli(
+        capsys,
+        "obs",
+        "status",
+        "--port",
+        str(obs_peer.port),
+        "--password-env",
+        "BF_TEST_OBS_PASSWORD",
+    )
+    assert code == 1 and "obs.password_env" in err and "BF_TEST_OBS_PASSWORD" in err
+    assert SECRET not in caplog.text and SECRET not in err and SECRET not in repr(bridge)
+
+
+SIZED_BY_CONTENT = {"sourceWidth", "sourceHeight", "width", "height"}
+
+
+def obs_snapshot(req: Any) -> dict[str, Any]:
+    """Scenes, inputs with kinds and settings, and every scene's items, as OBS reports them,
+    less the sizes OBS derives from content once rendered (a new text source starts at 0)."""
+    scenes = sorted(s["sceneName"] for s in req.get_scene_list().scenes)
+    inputs = sorted((i["inputName"], i["inputKind"]) for i in req.get_input_list().inputs)
+    items = {}
+    for scene in scenes:
+        items[scene] = req.get_scene_item_list(scene).scene_items
+        for item in items[scene]:
+            transform = item["sceneItemTransform"]
+            item["sceneItemTransform"] = {
+                k: v for k, v in transform.items() if k not in SIZED_BY_CONTENT
+            }
+    return {
+        "scenes": scenes,
+        "inputs": inputs,
+        "settings": {name: req.get_input_settings(name).input_settings for name, _ in inputs},
+        "items": items,
+    }
+
+
+@pytest.mark.slow
+def test_obs_setup_is_idempotent_and_status_reports_what_is_there(
+    obs_peer: Any,
+    obs_client: Any,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setenv("BF_TEST_OBS_PASSWORD", obs_peer.password)
+    config = tmp_path / "daemon.yaml"
+    config.write_text(
+        "obs:\n"
+        f"  port: {obs_peer.port}\n"
+        "  password_env: BF_TEST_OBS_PASSWORD\n"
+        "  scene_presets: {'Scene C': warm, 'Setup Show': cool}\n"
+        "  item_presets: {'Setup Warm': warm, 'Setup Bypass': bypass}\n"
+        "  controls_scene: Setup Controls\n"
+        "  status_source: Setup Status\n"
+        "  output_source: Setup Output\n"
+        "  output_url: udp://127.0.0.1:23999\n"
+    )
+    cli = ("--config", str(config))
+    code, out, _ = run_cli(capsys, "obs", "status", *cli)
+    assert code == 3 and "MISSING" in out and "OBS 29" in out
+
+    before = obs_snapshot(obs_client)
+    code, out, _ = run_cli(capsys, "obs", "setup", "--dry-run", *cli)
+    assert code == 0 and "would create scene 'Setup Controls'" in out
+    assert obs_snapshot(obs_client) == before
+
+    code, out, _ = run_cli(capsys, "obs", "setup", *cli)
+    assert code == 0, out
+    print(f"\nfirst `obs setup`:\n{out}")
+    first = obs_snapshot(obs_client)
+    assert {"Setup Controls", "Setup Show"} <= set(first["scenes"])
+    assert ("Setup Output", "ffmpeg_source") in first["inputs"]
+    assert first["settings"]["Setup Output"]["input"] == "udp://127.0.0.1:23999"
+    for scene in ("Scene C", "Setup Show"):
+        assert first["items"][scene][0]["sourceName"] == "Setup Output"  # at the back
+    controls = {i["sourceName"]: i["sceneItemEnabled"] for i in first["items"]["Setup Controls"]}
+    assert controls == {"Setup Warm": False, "Setup Bypass": False, "Setup Status": True}
+
+    code, out, _ = run_cli(capsys, "obs", "setup", *cli)
+    assert code == 0 and "nothing to do" in out
+    assert obs_snapshot(obs_client) == first
+
+    code, out, _ = run_cli(capsys, "obs", "status", *cli)
+    assert code == 0 and "MISSING" not in out and "udp://127.0.0.1:23999" in out
+
+    config.write_text(config.read_text().replace(":23999", ":23998"))  # the daemon moved
+    code, out, _ = run_cli(capsys, "obs", "setup", *cli)
+    assert code == 0 and "update media source 'Setup Output'" in out
+    moved = obs_client.get_input_settings("Setup Output").input_settings
+    assert moved["input"] == "udp://127.0.0.1:23998" and moved["buffering_mb"] == 0
+    code, out, _ = run_cli(capsys, "obs", "setup", *cli)
+    assert "nothing to do" in out
