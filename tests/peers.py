@@ -1,0 +1,405 @@
+"""Real peers for network I/O tests and benchmarks: a pixel stamp, publishers, readers, nginx.
+
+The stamp draws a frame counter and the sender's monotonic clock (µs) into the top rows as
+16x16 black/white blocks (plus a checksum), which survive H.264 at low bitrates. All
+processes on one host share ``CLOCK_MONOTONIC``, so ``now - stamp`` is the glass-to-glass
+latency. Run as a script for a publisher or reader in its own process::
+
+    python tests/peers.py publish --url rtmp://127.0.0.1:1935/live/k --format flv --via ffmpeg
+    python tests/peers.py read --url rtmp://127.0.0.1:1935/live/k --format flv --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 16
+COUNTER_BITS, TIME_BITS, CHECK_BITS = 24, 40, 8
+BITS = COUNTER_BITS + TIME_BITS + CHECK_BITS
+TIME_MOD = 1 << TIME_BITS
+NGINX_MODULE = "/usr/lib/nginx/modules/ngx_rtmp_module.so"
+
+
+def now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+def _checksum(counter: int, t_us: int) -> int:
+    return (counter * 31 + t_us * 17 + (t_us >> 20)) & 0xFF
+
+
+def _bit_boxes(width: int) -> list[tuple[int, int]]:
+    per_row = width // BLOCK
+    return [((i // per_row) * BLOCK, (i % per_row) * BLOCK) for i in range(BITS)]
+
+
+def stamp(image: np.ndarray, counter: int, t_us: int | None = None) -> np.ndarray:
+    """Draw ``counter`` and the time (default: now) into ``image`` in place; return it."""
+    t_us = now_us() if t_us is None else t_us
+    value = (
+        (counter % (1 << COUNTER_BITS))
+        | ((t_us % TIME_MOD) << COUNTER_BITS)
+        | (_checksum(counter, t_us % TIME_MOD) << (COUNTER_BITS + TIME_BITS))
+    )
+    for bit, (y, x) in enumerate(_bit_boxes(image.shape[1])):
+        image[y : y + BLOCK, x : x + BLOCK] = 255 if (value >> bit) & 1 else 0
+    return image
+
+
+def read_stamp(image: np.ndarray) -> tuple[int, int] | None:
+    """``(counter, t_us)`` from an RGB or gray frame, or ``None`` if the checksum fails."""
+    luma = image if image.ndim == 2 else image[..., 1]
+    value = 0
+    for bit, (y, x) in enumerate(_bit_boxes(image.shape[1])):
+        inner = luma[y + 4 : y + BLOCK - 4, x + 4 : x + BLOCK - 4]
+        value |= int(inner.mean() > 127) << bit
+    counter = value & ((1 << COUNTER_BITS) - 1)
+    t_us = (value >> COUNTER_BITS) & (TIME_MOD - 1)
+    check = value >> (COUNTER_BITS + TIME_BITS)
+    return (counter, t_us) if check == _checksum(counter, t_us) else None
+
+
+def latency_ms(t_us: int, at_us: int | None = None) -> float:
+    """Milliseconds from a stamp's time to ``at_us`` (default: now)."""
+    at_us = now_us() if at_us is None else at_us
+    return ((at_us - t_us) % TIME_MOD) / 1000.0
+
+
+def pattern(width: int, height: int, counter: int) -> np.ndarray:
+    """A moving test picture (so the encoder has real work) with the stamp on top."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.empty((height, width, 3), np.uint8)
+    image[..., 0] = (x + counter * 4) % 256
+    image[..., 1] = (y + counter * 2) % 256
+    image[..., 2] = 128
+    return stamp(image, counter)
+
+
+class Pictures:
+    """Pre-rendered backgrounds so stamping a frame costs microseconds, not milliseconds."""
+
+    def __init__(self, width: int, height: int, count: int = 30) -> None:
+        self.frames = [pattern(width, height, i) for i in range(count)]
+
+    def get(self, counter: int) -> np.ndarray:
+        return stamp(self.frames[counter % len(self.frames)].copy(), counter)
+
+
+@dataclass
+class Received:
+    """Counters and latencies seen by a receiver."""
+
+    counters: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    sizes: set[tuple[int, int]] = field(default_factory=set)
+
+    def add(self, image: np.ndarray, at_us: int | None = None) -> None:
+        found = read_stamp(image)
+        if found is not None:
+            self.counters.append(found[0])
+            self.latencies.append(latency_ms(found[1], at_us))
+            self.sizes.add((image.shape[1], image.shape[0]))
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """Pairs of consecutive counters that are not +1 (loss or reordering)."""
+        return [
+            (a, b) for a, b in zip(self.counters, self.counters[1:], strict=False) if b != a + 1
+        ]
+
+    def median(self) -> float:
+        return float(np.median(self.latencies)) if self.latencies else float("nan")
+
+    def p95(self) -> float:
+        return float(np.percentile(self.latencies, 95)) if self.latencies else float("nan")
+
+
+# ---------------------------------------------------------------- ports, processes, nginx
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """Stop a child by its PID (SIGTERM, then SIGKILL) and reap it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+
+
+def wait_port(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def nginx_missing() -> str | None:
+    """Why an nginx-rtmp test cannot run here, or ``None``."""
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        return "nginx is not installed (apt-get install nginx libnginx-mod-rtmp)"
+    if not Path(NGINX_MODULE).exists():
+        return "the nginx RTMP module is not installed (apt-get install libnginx-mod-rtmp)"
+    return None
+
+
+class Nginx:
+    """nginx-rtmp on 127.0.0.1:PORT with a temp config, ``daemon off``; stopped by PID."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="nginx-rtmp-"))
+        (self.dir / "logs").mkdir()
+        (self.dir / "nginx.conf").write_text(
+            f"load_module {NGINX_MODULE};\n"
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n"
+            f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/logs/error.log warn;\n"
+            "events { worker_connections 64; }\n"
+            f"rtmp {{ server {{ listen 127.0.0.1:{self.port}; chunk_size 4096;\n"
+            "  application live { live on; record off; } } }\n"
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, key: str = "test") -> str:
+        return f"rtmp://127.0.0.1:{self.port}/live/{key}"
+
+    def start(self) -> Nginx:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.proc = subprocess.Popen(
+            [nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"), "-e", "stderr"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        """Hard kill (SIGKILL) by PID, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+    def __enter__(self) -> Nginx:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- publishers and readers
+
+
+def publish(
+    url: str,
+    fmt: str,
+    *,
+    frames: int,
+    fps: float = 30.0,
+    size: tuple[int, int] = (512, 512),
+    start: int = 0,
+    via: str = "pyav",
+    retry_for: float = 10.0,
+) -> int:
+    """Publish ``frames`` stamped frames paced at ``fps``; return how many were sent.
+
+    ``via="pyav"`` encodes in this process; ``via="ffmpeg"`` pipes raw RGB into the Debian
+    ffmpeg CLI (an independent implementation, and the only one here that speaks SRT).
+    Connection refusals are retried for ``retry_for`` seconds (a listener may not be up yet).
+    """
+    pictures = Pictures(*size)
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            if via == "ffmpeg":
+                return _publish_ffmpeg(url, fmt, pictures, frames, fps, size, start)
+            return _publish_pyav(url, fmt, pictures, frames, fps, size, start)
+        except (ConnectionError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"publisher retrying: {exc}", file=sys.stderr)
+            time.sleep(0.2)
+
+
+def _paced(frames: int, fps: float) -> Iterator[int]:
+    t0 = time.monotonic()
+    for i in range(frames):
+        delay = t0 + i / fps - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield i
+
+
+def _publish_pyav(url, fmt, pictures, frames, fps, size, start) -> int:
+    import av
+
+    options = {"pkt_size": "1316"} if fmt == "mpegts" else {}
+    with av.open(url, "w", format=fmt, options=options, timeout=5.0) as container:
+        stream = container.add_stream(
+            "libx264",
+            rate=Fraction(fps).limit_denominator(1001),
+            options={"preset": "ultrafast", "tune": "zerolatency", "g": str(round(fps))},
+        )
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 2_000_000
+        container.start_encoding()
+        for i in _paced(frames, fps):
+            frame = av.VideoFrame.from_ndarray(pictures.get(start + i), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return frames
+
+
+def _publish_ffmpeg(url, fmt, pictures, frames, fps, size, start) -> int:
+    argv = [
+        "ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+        "-s", f"{size[0]}x{size[1]}", "-r", str(fps), "-i", "-", "-c:v", "libx264",
+        "-preset", "ultrafast", "-tune", "zerolatency", "-g", str(round(fps)), "-b:v", "2M",
+        "-pix_fmt", "yuv420p", "-f", fmt, url,
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    try:
+        for i in _paced(frames, fps):
+            proc.stdin.write(pictures.get(start + i).tobytes())
+            proc.stdin.flush()
+        proc.stdin.close()
+        proc.wait(10)
+    except (BrokenPipeError, subprocess.TimeoutExpired):
+        pass
+    finally:
+        stop(proc)
+    if proc.returncode not in (0, None) and proc.stderr is not None:
+        raise ConnectionError(proc.stderr.read().decode(errors="replace").strip()[-300:])
+    return frames
+
+
+def read(url: str, fmt: str, seconds: float) -> Received:
+    """Decode a stream with PyAV alone (independent of our sources) and collect stamps."""
+    import av
+    import av.error
+
+    received = Received()
+    deadline = time.monotonic() + seconds
+    options = {"probesize": "32768", "analyzeduration": "0"}
+    if fmt == "mpegts":
+        options |= {"overrun_nonfatal": "1", "fifo_size": "50000"}
+    while time.monotonic() < deadline:
+        try:
+            with av.open(url, format=fmt, options=options, timeout=(3.0, 1.0)) as container:
+                for frame in container.decode(video=0):
+                    received.add(frame.to_ndarray(format="gray"))
+                    if time.monotonic() > deadline:
+                        break
+        except av.error.FFmpegError:
+            time.sleep(0.1)
+    return received
+
+
+class FfmpegSrtReader:
+    """The ffmpeg CLI as an SRT listener that decodes to raw gray frames we stamp-read."""
+
+    def __init__(self, port: int, size: tuple[int, int]) -> None:
+        self.size = size
+        self.received = Received()
+        url = f"srt://127.0.0.1:{port}?mode=listener&latency=20000"
+        argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-probesize", "32768",
+                "-analyzeduration", "0", "-i", url, "-f", "rawvideo", "-pix_fmt", "gray",
+                "-"]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        width, height = self.size
+        assert self.proc.stdout is not None
+        while data := self.proc.stdout.read(width * height):
+            if len(data) == width * height:
+                gray = np.frombuffer(data, np.uint8).reshape(height, width)
+                self.received.add(gray)
+
+    def stop(self) -> Received:
+        stop(self.proc)
+        self._thread.join(5)
+        return self.received
+
+
+def ndi_send(name: str, *, frames: int, fps: float, size: tuple[int, int], start: int = 0) -> None:
+    """Publish stamped frames with our NdiSink, paced at ``fps`` (run it in its own process)."""
+    from broadcast_filter.media.ndi import NdiSink
+
+    pictures = Pictures(*size)
+    with NdiSink(f"ndi:{name}", width=size[0], height=size[1], fps=fps) as sink:
+        for i in _paced(frames, fps):
+            sink.send(pictures.get(start + i))
+        time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pub = sub.add_parser("publish")
+    pub.add_argument("--url", required=True)
+    pub.add_argument("--format", required=True)
+    pub.add_argument("--frames", type=int, default=90)
+    pub.add_argument("--fps", type=float, default=30.0)
+    pub.add_argument("--size", default="512x512")
+    pub.add_argument("--start", type=int, default=0)
+    pub.add_argument("--via", choices=["pyav", "ffmpeg"], default="pyav")
+    nd = sub.add_parser("ndi-send")
+    nd.add_argument("--name", required=True)
+    nd.add_argument("--frames", type=int, default=90)
+    nd.add_argument("--fps", type=float, default=30.0)
+    nd.add_argument("--size", default="512x512")
+    nd.add_argument("--start", type=int, default=0)
+    rd = sub.add_parser("read")
+    rd.add_argument("--url", required=True)
+    rd.add_argument("--format", required=True)
+    rd.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    size = tuple(int(v) for v in getattr(args, "size", "0x0").split("x"))
+    if args.command == "ndi-send":
+        ndi_send(args.name, frames=args.frames, fps=args.fps, size=size, start=args.start)
+    elif args.command == "publish":
+        publish(args.url, args.format, frames=args.frames, fps=args.fps, size=size,
+                start=args.start, via=args.via)  # fmt: skip
+    else:
+        got = read(args.url, args.format, args.seconds)
+        print(json.dumps({"counters": got.counters, "latencies": got.latencies,
+                          "sizes": sorted(got.sizes)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
