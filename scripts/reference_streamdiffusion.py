@@ -6,7 +6,11 @@ Runs on the reference's own old stack, not ours; ``bench_gpu.py`` starts it as a
     pip install --target /tmp/sdref --no-deps streamdiffusion==0.1.1 diffusers==0.24.0 \
         huggingface_hub==0.25.2 transformers==4.46.3 tokenizers==0.20.3
 
-CUDA only: the reference's ``__call__`` times itself with CUDA events. Prints one JSON line
+CUDA only: the reference's ``__call__`` times itself with CUDA events (checked here on the
+CPU up to that call: the old stack loads our offline folders and runs encode, the Stream Batch
+step and decode). transformers 4.46 does not map the text encoder's weight names written by
+transformers 5, so its text encoder starts random: that changes prompt encoding, done once,
+not the per-frame cost being measured. Prints one JSON line
 with ``fps`` (wall time over all frames) and ``latency_ms`` (median per frame; the reference
 synchronises the device at the end of every call).
 """
