@@ -1,0 +1,164 @@
+"""The engine: a :class:`StreamPipeline` applied to video frames, with crossfades and SSF.
+
+Frames come in and go out as ``(H, W, 3)`` uint8 RGB numpy arrays (the media contract); the
+conversion to and from the pipeline's ``(1, 3, H, W)`` float tensors in ``[0, 1]`` goes
+through buffers allocated once. Preset switches crossfade the prompt embeddings, guidance
+and delta (see :mod:`broadcast_filter.control.transitions`); nothing is rebuilt.
+No threads here: the runtime calls :meth:`Engine.process` from its engine thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from broadcast_filter.control.config import ModelSettings
+from broadcast_filter.control.presets import Preset, SsfSettings
+from broadcast_filter.control.transitions import Crossfade
+from broadcast_filter.diffusion.models import ModelBundle, ModelSpec, load_models
+from broadcast_filter.diffusion.similarity import SimilarityFilter
+from broadcast_filter.diffusion.stream import PromptEmbeds, StreamConfig, StreamPipeline
+
+
+class EngineError(RuntimeError):
+    """The model failed on a frame (or produced non-finite values); the frame is passed on."""
+
+
+def model_spec(settings: ModelSettings) -> ModelSpec:
+    """The diffusion loader's spec for a config ``model:`` section."""
+    return ModelSpec(
+        model=settings.id,
+        taesd=settings.taesd,
+        lcm_lora=settings.lcm_lora,
+        loras=settings.loras,
+        device=settings.device,
+        dtype=settings.dtype,
+        single_file_config=settings.single_file_config,
+        cache_dir=settings.cache_dir,
+    )
+
+
+def stream_config(preset: Preset, width: int, height: int) -> StreamConfig:
+    return StreamConfig(
+        width=width,
+        height=height,
+        t_index_list=preset.t_index_list,
+        cfg_type=preset.cfg_type,
+        guidance_scale=preset.guidance_scale,
+        delta=preset.delta,
+        seed=preset.seed,
+    )
+
+
+def warm_up(bundle: ModelBundle, config: StreamConfig, frames: int, progress: bool) -> None:
+    """Run ``frames`` throw-away steps on a scratch pipeline (kernels, allocator caches), so
+    the first live frames are not slow; the live pipeline starts with a clean stream batch."""
+    pipe = StreamPipeline(bundle, config)
+    pipe.set_prompt("")
+    image = torch.rand(
+        (1, 3, config.height, config.width), generator=torch.Generator().manual_seed(0)
+    )
+    image = image.to(bundle.device, bundle.dtype)
+    for _ in tqdm(range(frames), desc="warm-up", unit="frame", disable=not progress):
+        pipe(image)
+
+
+def load_engine(
+    settings: ModelSettings, width: int, height: int, preset: Preset, *, progress: bool = True
+) -> Engine:
+    """Load the model (downloading with the hub's progress bars), warm up, and condition the
+    engine on ``preset``."""
+    bundle = load_models(model_spec(settings), progress=progress)
+    config = stream_config(preset, width, height)
+    warm_up(bundle, config, frames=len(preset.t_index_list) + 2, progress=progress)
+    return Engine(StreamPipeline(bundle, config), preset, settings)
+
+
+class Engine:
+    """One model, one frame size. :meth:`switch` starts a transition; :meth:`process` runs a
+    frame; both are called from the same thread."""
+
+    def __init__(self, pipe: StreamPipeline, preset: Preset, settings: ModelSettings | None = None):
+        self.pipe = pipe
+        self.settings = settings
+        self.preset = preset
+        cfg = pipe.config
+        self._host = torch.empty((cfg.height, cfg.width, 3), dtype=torch.uint8)
+        self._input = torch.empty(
+            (1, 3, cfg.height, cfg.width), device=pipe.device, dtype=pipe.dtype
+        )
+        self._fade: Crossfade | None = None
+        self._from: PromptEmbeds | None = None
+        self._to = pipe.encode_prompt(preset.prompt, preset.negative_prompt)
+        self._ssf_settings: SsfSettings | None = None
+        self._ssf: SimilarityFilter | None = None
+        self._last: np.ndarray | None = None
+        self.embeds = self._to
+        self.guidance_scale, self.delta = preset.guidance_scale, preset.delta
+        pipe.set_prompt_embeds(self._to)
+        self._set_ssf(preset.ssf)
+
+    @property
+    def fading(self) -> bool:
+        return self._fade is not None
+
+    def switch(self, preset: Preset, now: float) -> None:
+        """Start moving to ``preset``: discrete fields now, the rest over its ``transition``."""
+        target = self.pipe.encode_prompt(preset.prompt, preset.negative_prompt)
+        self.pipe.update(
+            seed=preset.seed, t_index_list=preset.t_index_list, cfg_type=preset.cfg_type
+        )
+        self._set_ssf(preset.ssf)
+        self._from, self._to = self.embeds, target
+        self._fade = Crossfade(
+            start=now,
+            duration=preset.transition,
+            guidance=(self.guidance_scale, preset.guidance_scale),
+            delta=(self.delta, preset.delta),
+        )
+        self.preset = preset
+        self._condition(now)
+
+    def _set_ssf(self, settings: SsfSettings) -> None:
+        if settings != self._ssf_settings:
+            self._ssf_settings = settings
+            self._ssf = (
+                SimilarityFilter(settings.threshold, settings.max_skip)
+                if settings.enabled
+                else None
+            )
+        elif self._ssf is not None:
+            self._ssf.reset()
+
+    def _condition(self, now: float) -> None:
+        """Hand the pipeline this instant's blend of the crossfade (if one is running)."""
+        if self._fade is None:
+            return
+        weight = self._fade.weight(now)
+        self.embeds = self._to if weight >= 1.0 else self._from.lerp(self._to, weight)
+        self.guidance_scale, self.delta = self._fade.scalars(weight)
+        self.pipe.set_prompt_embeds(self.embeds)
+        self.pipe.update(guidance_scale=self.guidance_scale, delta=self.delta)
+        if weight >= 1.0:
+            self._fade = self._from = None
+
+    def process(self, image: np.ndarray, now: float) -> tuple[np.ndarray, bool]:
+        """Style one frame. Returns ``(output, skipped)``: a skipped frame (SSF; never during
+        a crossfade) re-emits the previous output. Raises :class:`EngineError`."""
+        self._condition(now)
+        self._host.numpy()[...] = image
+        self._input[0].copy_(self._host.permute(2, 0, 1))
+        self._input.div_(255.0)
+        skip = self._ssf is not None and not self.fading and self._ssf(self._input)
+        if skip and self._last is not None:
+            return self._last, True
+        try:
+            out = self.pipe(self._input)
+        except Exception as exc:  # the stream must outlive any model failure
+            raise EngineError(f"model step failed: {exc!r}") from exc
+        if not bool(torch.isfinite(out).all()):
+            raise EngineError("model produced non-finite values (NaN/inf)")
+        frame = out[0].mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        self._last = frame.contiguous().cpu().numpy()
+        return self._last, False

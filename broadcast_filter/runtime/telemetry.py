@@ -1,0 +1,203 @@
+"""Counters and rolling measurements of the running daemon, and the status line they make.
+
+Each thread reports its own events (frame in, model step, frame out); :meth:`Telemetry.snapshot`
+turns them into rates over the last two seconds and latency percentiles over the last 256
+new outputs. Storage is fixed-size ring buffers: nothing grows while running.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass
+from typing import TextIO
+
+import numpy as np
+
+RATE_WINDOW_S = 2.0
+
+
+class RateMeter:
+    """Events per second over the last ``window`` seconds, from a ring of timestamps."""
+
+    def __init__(self, capacity: int = 512) -> None:
+        self._times = np.full(capacity, -math.inf)
+        self._next = 0
+
+    def add(self, t: float) -> None:
+        self._times[self._next] = t
+        self._next = (self._next + 1) % len(self._times)
+
+    def rate(self, now: float, window: float = RATE_WINDOW_S) -> float:
+        recent = self._times[self._times > now - window]
+        if len(recent) < 2:
+            return 0.0
+        span = max(now - recent.min(), 1e-6)
+        return float((len(recent) - 1) / span)
+
+
+class Ring:
+    """The last ``capacity`` values, for percentiles."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._values = np.full(capacity, np.nan)
+        self._next = 0
+
+    def add(self, value: float) -> None:
+        self._values[self._next] = value
+        self._next = (self._next + 1) % len(self._values)
+
+    def percentile(self, q: float) -> float:
+        values = self._values[~np.isnan(self._values)]
+        return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the daemon is doing now; also ``Commands.status()``'s payload."""
+
+    preset: str
+    mode: str
+    bypass: bool
+    fps_in: float
+    fps_model: float
+    fps_out: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    frames_in: int
+    frames_model: int
+    frames_skipped: int
+    frames_out: int
+    frames_repeated: int
+    dropped: int
+    skip_ratio: float
+    target_fps: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Telemetry:
+    """Thread-safe event sink for the runtime's threads."""
+
+    def __init__(self, target_fps: float) -> None:
+        self.target_fps = target_fps
+        self._lock = threading.Lock()
+        self._in, self._model, self._out = RateMeter(), RateMeter(), RateMeter()
+        self._latency = Ring()
+        self.frames_in = self.frames_model = self.frames_skipped = 0
+        self.frames_out = self.frames_repeated = self.dropped = 0
+        self.preset, self.mode, self.bypass = "", "starting", False
+        self.source_lost = False
+
+    def frame_in(self, now: float, dropped: int) -> None:
+        """A frame was captured; ``dropped`` is the input slot's running drop count."""
+        with self._lock:
+            self._in.add(now)
+            self.frames_in += 1
+            self.dropped = dropped
+
+    def model_step(self, now: float, skipped: bool) -> None:
+        """The engine ran the model on a frame, or the similarity filter skipped it."""
+        with self._lock:
+            if skipped:
+                self.frames_skipped += 1
+            else:
+                self._model.add(now)
+                self.frames_model += 1
+
+    def frame_out(self, now: float, latency: float | None) -> None:
+        """A frame went to the sinks; ``latency`` (capture to sink) for a new one, ``None``
+        for a repeat of the previous output."""
+        with self._lock:
+            self._out.add(now)
+            self.frames_out += 1
+            if latency is None:
+                self.frames_repeated += 1
+            else:
+                self._latency.add(latency)
+
+    def set_state(self, *, preset: str, mode: str, bypass: bool) -> None:
+        with self._lock:
+            self.preset, self.mode, self.bypass = preset, mode, bypass
+
+    def set_source_lost(self, lost: bool) -> None:
+        """A live source dropped (the output holds its last frame) or came back."""
+        with self._lock:
+            self.source_lost = lost
+
+    def snapshot(self, now: float) -> Snapshot:
+        with self._lock:
+            total = self.frames_model + self.frames_skipped
+            return Snapshot(
+                preset=self.preset,
+                mode="source lost (holding last frame)" if self.source_lost else self.mode,
+                bypass=self.bypass,
+                fps_in=self._in.rate(now),
+                fps_model=self._model.rate(now),
+                fps_out=self._out.rate(now),
+                latency_ms_p50=self._latency.percentile(50) * 1000,
+                latency_ms_p95=self._latency.percentile(95) * 1000,
+                frames_in=self.frames_in,
+                frames_model=self.frames_model,
+                frames_skipped=self.frames_skipped,
+                frames_out=self.frames_out,
+                frames_repeated=self.frames_repeated,
+                dropped=self.dropped,
+                skip_ratio=self.frames_skipped / total if total else 0.0,
+                target_fps=self.target_fps,
+            )
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f}"
+
+
+def format_status(s: Snapshot) -> str:
+    """One status line: preset and mode, then rates, latency, drops and skips."""
+    return (
+        f"[{s.preset or '-'} | {s.mode}] "
+        f"in {s.fps_in:.1f} fps  model {s.fps_model:.1f} fps  "
+        f"out {s.fps_out:.1f}/{s.target_fps:g} fps  "
+        f"latency p50 {_ms(s.latency_ms_p50)} ms p95 {_ms(s.latency_ms_p95)} ms  "
+        f"dropped {s.dropped}  skip {s.skip_ratio:.0%}"
+    )
+
+
+class StatusLine:
+    """The live status line on stderr: redrawn in place (``\\r``) on a terminal every
+    ``tty_interval`` seconds, else printed as a plain line every ``interval`` seconds.
+    :meth:`log` prints a message without garbling the line."""
+
+    def __init__(self, stream: TextIO, interval: float = 5.0, tty_interval: float = 0.5) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.interval = tty_interval if self.tty else interval
+        self._lock = threading.Lock()
+        self._last = -math.inf
+        self._text = ""
+
+    def update(self, text: str, now: float) -> None:
+        with self._lock:
+            if now - self._last < self.interval:
+                return
+            self._last, self._text = now, text
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        self.stream.write(f"\r{text}\x1b[K" if self.tty else f"{text}\n")
+        self.stream.flush()
+
+    def log(self, message: str) -> None:
+        with self._lock:
+            self.stream.write(f"\r\x1b[K{message}\n" if self.tty else f"{message}\n")
+            if self.tty and self._text:
+                self.stream.write(self._text)
+            self.stream.flush()
+
+    def finish(self, text: str) -> None:
+        """Print the final line (always, on its own line)."""
+        with self._lock:
+            self.stream.write(f"\r{text}\x1b[K\n" if self.tty else f"{text}\n")
+            self.stream.flush()
+            self._text = ""
