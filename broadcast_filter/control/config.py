@@ -344,6 +344,10 @@ class ModelSettings:
     dtype: str = "auto"
     single_file_config: str | None = None
     cache_dir: str | None = None
+    channels_last: bool = False
+    attention: str = "sdpa"
+    compile: bool = False
+    cuda_graphs: bool = False
 
 
 def model_fields(*, for_preset: bool = False) -> dict[str, Field]:
@@ -358,6 +362,10 @@ def model_fields(*, for_preset: bool = False) -> dict[str, Field]:
         "dtype": Field(choice("auto", "float16", "bfloat16", "float32"), "auto", False),
         "single_file_config": Field(optional(text(empty=False)), None, False),
         "cache_dir": Field(optional(text(empty=False)), None, False),
+        "channels_last": Field(boolean, False, False),
+        "attention": Field(choice("sdpa", "classic"), "sdpa", False),
+        "compile": Field(boolean, False, False),
+        "cuda_graphs": Field(boolean, False, False),
     }
     if for_preset:
         return {k: replace(f, default=UNSET) for k, f in fields.items()}

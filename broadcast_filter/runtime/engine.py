@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from broadcast_filter.control.config import ModelSettings
 from broadcast_filter.control.presets import Preset, SsfSettings
 from broadcast_filter.control.transitions import Crossfade
-from broadcast_filter.diffusion.models import ModelBundle, ModelSpec, load_models
+from broadcast_filter.diffusion.accel import Acceleration, accelerate, warm_up
+from broadcast_filter.diffusion.models import ModelSpec, load_models
 from broadcast_filter.diffusion.similarity import SimilarityFilter
 from broadcast_filter.diffusion.stream import PromptEmbeds, StreamConfig, StreamPipeline
+from broadcast_filter.runtime.frames import FrameTransfer
 
 
 class EngineError(RuntimeError):
@@ -51,28 +52,22 @@ def stream_config(preset: Preset, width: int, height: int) -> StreamConfig:
     )
 
 
-def warm_up(bundle: ModelBundle, config: StreamConfig, frames: int, progress: bool) -> None:
-    """Run ``frames`` throw-away steps on a scratch pipeline (kernels, allocator caches), so
-    the first live frames are not slow; the live pipeline starts with a clean stream batch."""
-    pipe = StreamPipeline(bundle, config)
-    pipe.set_prompt("")
-    image = torch.rand(
-        (1, 3, config.height, config.width), generator=torch.Generator().manual_seed(0)
-    )
-    image = image.to(bundle.device, bundle.dtype)
-    for _ in tqdm(range(frames), desc="warm-up", unit="frame", disable=not progress):
-        pipe(image)
-
-
 def load_engine(
     settings: ModelSettings, width: int, height: int, preset: Preset, *, progress: bool = True
 ) -> Engine:
     """Load the model (downloading with the hub's progress bars), warm up, and condition the
     engine on ``preset``."""
     bundle = load_models(model_spec(settings), progress=progress)
-    config = stream_config(preset, width, height)
-    warm_up(bundle, config, frames=len(preset.t_index_list) + 2, progress=progress)
-    return Engine(StreamPipeline(bundle, config), preset, settings)
+    accel = Acceleration(
+        channels_last=settings.channels_last,
+        attention=settings.attention,
+        compile=settings.compile,
+        cuda_graphs=settings.cuda_graphs,
+    )
+    pipe = StreamPipeline(accelerate(bundle, accel), stream_config(preset, width, height))
+    engine = Engine(pipe, preset, settings)
+    warm_up(pipe, progress=progress)
+    return engine
 
 
 class Engine:
@@ -84,10 +79,7 @@ class Engine:
         self.settings = settings
         self.preset = preset
         cfg = pipe.config
-        self._host = torch.empty((cfg.height, cfg.width, 3), dtype=torch.uint8)
-        self._input = torch.empty(
-            (1, 3, cfg.height, cfg.width), device=pipe.device, dtype=pipe.dtype
-        )
+        self._transfer = FrameTransfer(cfg.width, cfg.height, pipe.device, pipe.dtype)
         self._fade: Crossfade | None = None
         self._from: PromptEmbeds | None = None
         self._to = pipe.encode_prompt(preset.prompt, preset.negative_prompt)
@@ -147,18 +139,15 @@ class Engine:
         """Style one frame. Returns ``(output, skipped)``: a skipped frame (SSF; never during
         a crossfade) re-emits the previous output. Raises :class:`EngineError`."""
         self._condition(now)
-        self._host.numpy()[...] = image
-        self._input[0].copy_(self._host.permute(2, 0, 1))
-        self._input.div_(255.0)
-        skip = self._ssf is not None and not self.fading and self._ssf(self._input)
+        image_in = self._transfer.upload(image)
+        skip = self._ssf is not None and not self.fading and self._ssf(image_in)
         if skip and self._last is not None:
             return self._last, True
         try:
-            out = self.pipe(self._input)
+            out = self.pipe(image_in)
         except Exception as exc:  # the stream must outlive any model failure
             raise EngineError(f"model step failed: {exc!r}") from exc
         if not bool(torch.isfinite(out).all()):
             raise EngineError("model produced non-finite values (NaN/inf)")
-        frame = out[0].mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-        self._last = frame.contiguous().cpu().numpy()
+        self._last = self._transfer.download(out)
         return self._last, False
