@@ -43,6 +43,9 @@ from broadcast_filter.diffusion.offline import ensure_offline_model
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
 from broadcast_filter.runtime.frames import FrameTransfer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_pipeline import floor_variant  # the same floor in both benchmarks
+
 PROMPT, NEGATIVE = "an oil painting of a face, warm light", "blurry, low quality"
 LEVELS = {1: (35,), 2: (32, 45)}
 REFERENCE_SCRIPT = Path(__file__).with_name("reference_streamdiffusion.py")
@@ -146,28 +149,12 @@ class Bench:
     def floor(self, steps: int) -> dict:
         """VAE encode + one UNet call on the Stream Batch + VAE decode, nothing else."""
         models = self.load(Variant("floor"))
-        pipe = self.pipeline(models, Variant("floor", steps))
-        n, size = steps, self.args.size
-        hidden = pipe.encode_prompt(PROMPT).cond.expand(n, -1, -1)
-        timesteps = torch.full((n,), 500, device=models.device)
-        extra = torch.zeros(
-            (n - 1, 4, size // 8, size // 8), device=models.device, dtype=models.dtype
-        )
-        image = self.image(models) * 2 - 1
-
-        @torch.inference_mode()
-        def step() -> object:
-            z = models.vae.encode(image).latents
-            x0 = models.unet(torch.cat([z, extra]), timesteps, hidden).sample
-            return models.vae.decode(x0[-1:]).sample
-
+        step = floor_variant(models, self.args.size, LEVELS[steps])
+        image = self.image(models)
         for _ in range(self.args.warmup):
-            step()
-        return {
-            "group": "floor",
-            "variant": f"{steps}step-unet+taesd",
-            **timed(step, self.args.frames, self.sync),
-        }
+            step(image)
+        result = timed(lambda: step(image), self.args.frames, self.sync)
+        return {"group": "floor", "variant": f"{steps}step-unet+taesd", **result}
 
     def end_to_end(self, v: Variant) -> dict:
         """Host uint8 frame -> model -> host uint8 frame, through FrameTransfer."""

@@ -73,21 +73,27 @@ def diffusers_variant(models: ModelBundle, levels: tuple[int, ...]) -> Callable:
     return run
 
 
-def floor_variant(models: ModelBundle, size: int, levels: int) -> Callable:
-    """VAE encode + one UNet call on a batch of ``levels`` latents + VAE decode, nothing else."""
-    pipe = stream_variant(models, size, tuple(range(10, 10 + 10 * levels, 10)), cfg_type="none")
-    hidden = pipe.encode_prompt(PROMPT).cond.expand(levels, -1, -1)
-    timesteps = torch.full((levels,), 500, device=models.device)
-    latents = torch.zeros(
-        (levels - 1, 4, size // 8, size // 8), device=models.device, dtype=models.dtype
-    )
+def floor_variant(models: ModelBundle, size: int, levels: tuple[int, ...]) -> Callable:
+    """VAE encode + one UNet call on a batch of ``len(levels)`` latents + VAE decode, nothing
+    else: the same tensors and shapes as the pipeline's Stream Batch step (random latents
+    stand in for the frames in flight)."""
+    pipe = stream_variant(models, size, levels, cfg_type="none")
+    n = len(levels)
+    hidden = pipe.encode_prompt(PROMPT).cond.expand(n, -1, -1)
+    timesteps = pipe._schedule.timesteps
+    g = torch.Generator().manual_seed(0)
+    in_flight = torch.randn((n - 1, 4, size // 8, size // 8), generator=g)
+    in_flight = in_flight.to(models.device, models.dtype)
     vae, unet = models.vae, models.unet
+    tiny = hasattr(
+        vae.encode(torch.zeros(1, 3, 8, 8, device=models.device, dtype=models.dtype)), "latents"
+    )
 
     @torch.inference_mode()
     def run(image: torch.Tensor) -> object:
         encoded = vae.encode(image * 2 - 1)
-        z = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mode()
-        x0 = unet(torch.cat([z, latents]), timesteps, hidden).sample
+        z = encoded.latents if tiny else encoded.latent_dist.mode()
+        x0 = unet(torch.cat([z, in_flight]), timesteps, hidden).sample
         return vae.decode(x0[-1:]).sample
 
     return run
@@ -123,7 +129,7 @@ def bench_model(model: str, size: int, rounds: int, device: str, taesd: str | No
         "stream_initialize": stream_variant(models, size, levels, cfg_type="initialize"),
         "stream_full": stream_variant(models, size, levels, cfg_type="full"),
         "diffusers_img2img": diffusers_variant(models, levels),
-        "floor": floor_variant(models, size, len(levels)),
+        "floor": floor_variant(models, size, levels),
     }
     with torch.inference_mode():
         seconds = measure(variants, image, rounds)
