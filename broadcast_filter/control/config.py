@@ -184,6 +184,9 @@ def read_node(path: Path) -> yaml.Node:
         content = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Issue(str(path), 1, "", f"cannot read file: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text (byte {exc.start})"
+        raise ConfigError([Issue(str(path), 1, "", message)]) from exc
     try:
         node = yaml.compose(content, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -392,6 +395,33 @@ class PresetSettings:
 
 
 @dataclass(frozen=True)
+class SafetySettings:
+    """On-air safety (see :mod:`broadcast_filter.runtime.watchdog`); all need a restart."""
+
+    stall_s: float = 1.0  # one engine call longer than this: pass the input through
+    restart_after: int = 5  # failed engine calls in a row before the engine is rebuilt
+    recover_after: int = 3  # good calls in a row before fading back to the filter
+    fade_s: float = 0.5  # crossfade back from the input to the filtered picture
+    hold_s: float = 2.0  # source lost: hold the last frame this long, then a slate
+    sink_retry_s: float = 1.0  # first re-open attempt of a failed sink (then doubling)
+    sink_retry_max_s: float = 30.0  # longest wait between re-open attempts
+
+
+SAFETY = Section(
+    {
+        "stall_s": Field(number(0, 60, open_lo=True), 1.0, False),
+        "restart_after": Field(integer(1, 1000), 5, False),
+        "recover_after": Field(integer(1, 1000), 3, False),
+        "fade_s": Field(number(0, 10), 0.5, False),
+        "hold_s": Field(number(0, 3600), 2.0, False),
+        "sink_retry_s": Field(number(0, 60, open_lo=True), 1.0, False),
+        "sink_retry_max_s": Field(number(0, 3600, open_lo=True), 30.0, False),
+    },
+    SafetySettings,
+)
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """The whole daemon: model, frame size and rate, source, sinks, presets, OBS (raw)."""
 
@@ -403,6 +433,7 @@ class DaemonConfig:
     sinks: tuple[SinkSettings, ...]
     presets: PresetSettings
     obs: dict[str, Any] | None = None
+    safety: SafetySettings = field(default_factory=SafetySettings)
 
     @property
     def width(self) -> int:
@@ -472,6 +503,7 @@ DAEMON = Section(
             PresetSettings(),
         ),
         "obs": Field(_obs, None, False, "settings of the OBS bridge"),
+        "safety": Field(SAFETY, SafetySettings(), False, "on-air safety timings"),
     },
     DaemonConfig,
 )

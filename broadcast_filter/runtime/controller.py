@@ -64,6 +64,9 @@ class Controller:
         self.engine = engine
         self.mode = "starting"
         self._engine_failed = False
+        self._restart: str | None = None
+        #: the last frame's engine failure (``None`` after a good frame), for the watchdog
+        self.fault: EngineError | None = None
 
     # ------------------------------------------------------------------ Commands
 
@@ -97,6 +100,12 @@ class Controller:
     def status(self) -> dict[str, Any]:
         return self.telemetry.snapshot(time.monotonic()).as_dict()
 
+    def restart_engine(self, reason: str) -> None:
+        """Drop the engine at the next frame boundary and rebuild it in the background
+        (frames pass through meanwhile); sources and sinks are not touched."""
+        with self._lock:
+            self._restart = reason
+
     # ------------------------------------------------------------------ hot reload
 
     def reload_presets(self) -> list[Change]:
@@ -118,6 +127,12 @@ class Controller:
             bypass = self._bypass
             loaded, self._loaded = self._loaded, None
             load_error, self._load_error = self._load_error, None
+            restart, self._restart = self._restart, None
+        if restart is not None and self.engine is not None and self._loading is None:
+            self._log(f"restarting the engine ({restart}); passing frames through meanwhile")
+            self._failed.discard(self.engine.settings)
+            self.engine = None
+            self._engine_failed = False
         if pending is not None:
             self._switch(pending, now)
         if load_error is not None:
@@ -173,6 +188,7 @@ class Controller:
 
     def _run(self, frame: Frame, now: float, bypass: bool) -> Output:
         preset = self.active
+        self.fault = None
         if bypass or preset.bypass:
             self.mode = "bypass" if bypass else "passthrough"
             return Output(frame.image, frame.captured_at, "pass")
@@ -188,6 +204,7 @@ class Controller:
         try:
             image, skipped = self.engine.process(frame.image, now)
         except EngineError as exc:
+            self.fault = exc
             if not self._engine_failed:
                 self._log(f"{exc}; passing frames through until the model recovers")
             self._engine_failed = True

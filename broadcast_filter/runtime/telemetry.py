@@ -72,6 +72,8 @@ class Snapshot:
     dropped: int
     skip_ratio: float
     target_fps: float
+    on_air: str = "engine"  # see broadcast_filter.runtime.watchdog.ON_AIR_KINDS
+    mode_switches: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -89,6 +91,7 @@ class Telemetry:
         self.frames_out = self.frames_repeated = self.dropped = 0
         self.preset, self.mode, self.bypass = "", "starting", False
         self.source_lost = False
+        self.on_air, self.on_air_reason, self.mode_switches = "engine", "", 0
 
     def frame_in(self, now: float, dropped: int) -> None:
         """A frame was captured; ``dropped`` is the input slot's running drop count."""
@@ -126,12 +129,18 @@ class Telemetry:
         with self._lock:
             self.source_lost = lost
 
+    def set_on_air(self, kind: str, reason: str, switches: int) -> None:
+        """What the output sends (watchdog kind) and why; ``reason`` overrides the mode."""
+        with self._lock:
+            self.on_air, self.on_air_reason, self.mode_switches = kind, reason, switches
+
     def snapshot(self, now: float) -> Snapshot:
         with self._lock:
             total = self.frames_model + self.frames_skipped
+            mode = "source lost (holding last frame)" if self.source_lost else self.mode
             return Snapshot(
                 preset=self.preset,
-                mode="source lost (holding last frame)" if self.source_lost else self.mode,
+                mode=self.on_air_reason or mode,
                 bypass=self.bypass,
                 fps_in=self._in.rate(now),
                 fps_model=self._model.rate(now),
@@ -146,6 +155,8 @@ class Telemetry:
                 dropped=self.dropped,
                 skip_ratio=self.frames_skipped / total if total else 0.0,
                 target_fps=self.target_fps,
+                on_air=self.on_air,
+                mode_switches=self.mode_switches,
             )
 
 
