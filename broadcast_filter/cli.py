@@ -11,10 +11,21 @@ import importlib
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broadcast_filter import __version__
-from broadcast_filter.control.config import ConfigError, SinkSettings, UsageError, load_config
+from broadcast_filter.control.config import (
+    ConfigError,
+    DaemonConfig,
+    SinkSettings,
+    UsageError,
+    load_config,
+)
 from broadcast_filter.media.base import MediaError
+
+if TYPE_CHECKING:
+    from broadcast_filter.control.obs_bridge import ObsBridge
+    from broadcast_filter.runtime.daemon import Daemon
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -66,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         limits=Limits(frames=args.frames, duration=args.duration),
         status=status,
     )
-    bridge = _start_obs(config, daemon.controller)
+    bridge = start_obs_bridge(config, daemon)
     try:
         return daemon.run()
     finally:
@@ -74,13 +85,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             bridge.stop(timeout=0.5)
 
 
-def _start_obs(config, commands):
-    """Start the OBS bridge when the config has an ``obs:`` section (checked on load)."""
+def start_obs_bridge(config: DaemonConfig, daemon: Daemon) -> ObsBridge | None:
+    """When the config has an ``obs:`` section (checked on load), start the OBS bridge on
+    the daemon's controller and show its state on the status line (``obs connected``).
+    The caller stops it (``bridge.stop()``) when the daemon has stopped."""
     if config.obs is None:
         return None
     from broadcast_filter.control.obs_bridge import ObsBridge, ObsSettings
 
-    return ObsBridge(ObsSettings.from_mapping(config.obs, str(config.path)), commands).start()
+    settings = ObsSettings.from_mapping(config.obs, str(config.path))
+    bridge = ObsBridge(settings, daemon.controller)
+    daemon.status_fields["obs"] = lambda: bridge.state
+    return bridge.start()
 
 
 # ----------------------------------------------------------------------------- presets
@@ -140,7 +156,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     from broadcast_filter.media.open import SINK_FORMS, SOURCE_FORMS, list_devices
 
     devices = list_devices()
-    for kind, title in (("camera", "cameras"), ("screen", "screens"), ("vcam", "virtual cameras")):
+    kinds = (
+        ("camera", "cameras"),
+        ("screen", "screens"),
+        ("vcam", "virtual cameras"),
+        ("ndi", "NDI sources (--source ndi:NAME)"),
+    )
+    for kind, title in kinds:
         print(f"{title}:")
         found = [d for d in devices if d.kind == kind]
         for d in found:
@@ -149,6 +171,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
             print(f"  {mark}{d.url:<32} {d.name}{note}")
         if not found:
             print("    none found")
+            if kind == "ndi":
+                print(
+                    "    (searched 1.5 s by mDNS; for unicast discovery point NDI_CONFIG_DIR "
+                    "at a folder whose ndi-config.v1.json lists the senders' IPs)"
+                )
     print(f"\nsource forms (--source):\n{SOURCE_FORMS}\n\nsink forms (--output):\n{SINK_FORMS}")
     return 0
 

@@ -73,3 +73,26 @@ def test_ndi_sender_process_to_receiver_full_resolution_and_rate(ndi_config):
 def test_ndi_source_needs_a_name():
     with pytest.raises(MediaError, match="needs a source name"):
         NdiSource("ndi:")
+
+
+@pytest.mark.slow
+def test_devices_lists_a_running_ndi_sender(ndi_config):
+    """``devices`` runs as its own process: the NDI runtime reads NDI_CONFIG_DIR once per
+    process, and earlier tests in this one already initialised it with another folder."""
+    name = f"bf-devices-{uuid.uuid4().hex[:6]}"
+    argv = [sys.executable, PEERS, "ndi-send", "--name", name, "--frames", "300",
+            "--size", "64x64", "--fps", "30"]  # fmt: skip
+    sender = subprocess.Popen(argv, env=ndi_config)
+    devices = [sys.executable, "-m", "broadcast_filter.cli", "devices"]
+    try:
+        for _ in range(3):  # the sender process needs a moment to announce itself
+            done = subprocess.run(devices, env=ndi_config, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            out = done.stdout
+            if f"({name})" in out:
+                break
+    finally:
+        peers.stop(sender)
+    print(out.split("NDI sources")[1].split("\n\n")[0])
+    assert f"({name})" in out
+    assert f"also ndi:{name}" in out

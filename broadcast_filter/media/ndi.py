@@ -33,6 +33,7 @@ from broadcast_filter.media.base import (
     register_source,
 )
 from broadcast_filter.media.handoff import LatestSlot
+from broadcast_filter.media.sources import Device
 
 MISSING_MESSAGE = (
     "NDI needs the ndi-python package: pip install 'broadcast-filter[ndi]' "
@@ -243,6 +244,36 @@ class NdiSink(Sink):
         self._slot.close()
         self._thread.join(timeout=5)
         ndi_lib().send_destroy(self._sender)
+
+
+def list_ndi_sources(timeout: float = 1.5, extra_ips: str | None = None) -> list[Device]:
+    """NDI sources found within ``timeout`` seconds, for the ``devices`` command. Without
+    ndi-python, one unavailable entry that says how to install it. Discovery is mDNS, or
+    unicast to ``extra_ips`` / the IPs in the NDI config file under ``NDI_CONFIG_DIR``."""
+    if not is_installed():
+        return [Device("ndi", "ndi:NAME", "NDI", available=False, note=MISSING_MESSAGE)]
+    try:
+        ndi = ndi_lib()
+    except MediaError as exc:
+        return [Device("ndi", "ndi:NAME", "NDI", available=False, note=str(exc))]
+    settings = ndi.FindCreate()
+    if extra_ips:
+        settings.extra_ips = extra_ips
+    finder = ndi.find_create_v2(settings)
+    try:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ndi.find_wait_for_sources(finder, int(min(left, 0.5) * 1000))
+        names = sorted({s.ndi_name for s in ndi.find_get_current_sources(finder)})
+    finally:
+        ndi.find_destroy(finder)
+    return [Device("ndi", f"ndi:{name}", name, note=_address(name)) for name in names]
+
+
+def _address(full_name: str) -> str:
+    """``MACHINE (stream)`` -> the short form ``ndi:stream`` also accepted, as a note."""
+    stream = full_name.rpartition("(")[2].removesuffix(")")
+    return f"also ndi:{stream}" if "(" in full_name and stream else ""
 
 
 if is_installed():

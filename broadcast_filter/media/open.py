@@ -48,13 +48,20 @@ SOURCE_FORMS = """\
   device:N                                  camera number N on this OS
       cameras take ?size=WxH&fps=N&pixel_format=mjpeg
   screen | screen:DISPLAY | x11grab::0.0+X,Y | gdigrab:desktop    screen [?size=WxH&draw_mouse=1]
-  SCHEME://... | ndi:NAME                   network sources (rtmp, udp, srt, ndi) when installed"""
+  rtmp://HOST:PORT/APP/KEY?listen=1         be the RTMP server a publisher (OBS) pushes to
+  rtmp://HOST:PORT/APP/KEY                  pull from an RTMP server (nginx-rtmp, ...)
+  udp://HOST:PORT                           MPEG-TS over UDP, received on HOST:PORT
+  srt://:PORT?mode=listener | srt://HOST:PORT?mode=caller    SRT (needs srt-live-transmit)
+  ndi:NAME | ndi:MACHINE (NAME)             NDI source (needs the [ndi] extra)"""
 
 SINK_FORMS = """\
   vcam | vcam:DEVICE | vcam?backend=NAME    virtual camera (pyvirtualcam)
   null                                      discard frames (benchmarks)
   PATH.mp4 | PATH.mkv | file:PATH           H.264 recording [?preset=veryfast&crf=23&gop=N]
-  SCHEME://... | ndi:NAME                   network sinks (rtmp, udp, srt, ndi) when installed"""
+  rtmp://HOST:PORT/APP/KEY                  publish H.264/FLV to an RTMP server
+  udp://HOST:PORT                           H.264 in MPEG-TS over UDP (an OBS Media Source)
+  srt://HOST:PORT?mode=caller | srt://:PORT?mode=listener    SRT (needs srt-live-transmit)
+  ndi:NAME                                  publish an NDI source (needs the [ndi] extra)"""
 
 #: sources registered below, which take the engine's size and fit and convert frames themselves
 _LOCAL_SOURCES = frozenset(
@@ -88,9 +95,15 @@ def open_sink(url: str, *, width: int, height: int, fps: float, **options: objec
     return SINKS[scheme](url, width=width, height=height, fps=fps, **options)
 
 
-def list_devices() -> list[Device]:
-    """Cameras, screens and virtual cameras on this machine, for the ``devices`` command."""
-    return list_cameras() + list_screens() + list_virtual_cameras()
+def list_devices(ndi_timeout: float = 1.5) -> list[Device]:
+    """Cameras, screens, virtual cameras and NDI sources (discovered for ``ndi_timeout``
+    seconds; 0 skips discovery), for the ``devices`` command."""
+    devices = list_cameras() + list_screens() + list_virtual_cameras()
+    if ndi_timeout > 0:
+        from .ndi import list_ndi_sources
+
+        devices += list_ndi_sources(ndi_timeout)
+    return devices
 
 
 def _scheme(url: str, registry: dict, forms: str, what: str) -> str:

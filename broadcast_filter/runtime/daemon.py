@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from broadcast_filter.control.config import (
@@ -26,20 +27,25 @@ from broadcast_filter.control.config import (
     DaemonConfig,
     Issue,
     ModelSettings,
+    SafetySettings,
     SinkSettings,
     UsageError,
     line_of,
 )
+from broadcast_filter.control.guard import check_preset_model
 from broadcast_filter.control.presets import Preset, PresetLibrary
 from broadcast_filter.media.base import Frame, Sink, Source, SourceLost
 from broadcast_filter.runtime.controller import Controller, Output
 from broadcast_filter.runtime.pacing import PaceState, pace
+from broadcast_filter.runtime.slate import blend, fit_image, no_signal_slate
 from broadcast_filter.runtime.slots import LatestSlot
 from broadcast_filter.runtime.telemetry import StatusLine, Telemetry, format_status
+from broadcast_filter.runtime.watchdog import Watchdog, classify, retry_delay
 
 STOP_BUDGET_S = 1.5  # joins and closes must fit in the 2 s promised for SIGINT
 PRESET_POLL_S = 0.5
 RETRY_SOURCE_S = 0.5
+DEFAULT_SAFETY = SafetySettings()
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,11 @@ class Daemon:
         *,
         limits: Limits = Limits(),
         status: StatusLine | None = None,
+        safety: SafetySettings = DEFAULT_SAFETY,
+        reopen_sink: Callable[[str], Sink] | None = None,
     ) -> None:
+        """``reopen_sink(name)`` opens a failed sink again (retried with backoff); without
+        it a failed sink stays closed."""
         self.source, self.controller, self.telemetry = source, controller, telemetry
         self.fps, self.limits = fps, limits
         self.status = status or StatusLine(sys.stderr)
@@ -79,6 +89,16 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._started_output: float | None = None
+        self.safety = safety
+        self.watchdog = Watchdog(safety)
+        self._reopen = reopen_sink
+        self._retry: dict[str, tuple[int, float]] = {}  # failed sink -> (attempt, due)
+        self._last_input_at = time.monotonic()
+        self._engine_error_logged = False
+        first = next(iter(self.sinks.values()), None)
+        self.size = (first.width, first.height) if first is not None else None
+        #: extra status-line fields, name -> function giving the value (``obs connected``)
+        self.status_fields: dict[str, Callable[[], object]] = {}
 
     # ------------------------------------------------------------------ control
 
@@ -86,7 +106,21 @@ class Daemon:
         """The telemetry snapshot (what the status line shows) plus sink health."""
         snap = self.telemetry.snapshot(time.monotonic()).as_dict()
         sinks, failed = sorted(self.sinks.copy()), self.failed_sinks.copy()
-        return {**snap, "sinks": sinks, "failed_sinks": failed}
+        return {**snap, "sinks": sinks, "failed_sinks": failed, "fields": self._fields()}
+
+    def status_text(self, now: float) -> str:
+        """The status line: the telemetry, then each extra field as ``name value``."""
+        fields = "".join(f"  {name} {value}" for name, value in self._fields().items())
+        return format_status(self.telemetry.snapshot(now)) + fields
+
+    def _fields(self) -> dict[str, str]:
+        values = {}
+        for name, field in list(self.status_fields.items()):
+            try:
+                values[name] = str(field())
+            except Exception as exc:  # a broken field must not break the status line
+                values[name] = f"? ({exc!r})"
+        return values
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -114,8 +148,9 @@ class Daemon:
                 if now - last_poll >= PRESET_POLL_S:
                     last_poll = now
                     self._reload_presets()
+                self._retry_sinks(now)
                 self._check_limits(now)
-                self.status.update(format_status(self.telemetry.snapshot(now)), now)
+                self.status.update(self.status_text(now), now)
         finally:
             self.stop()
             restore()
@@ -138,9 +173,10 @@ class Daemon:
         else:  # the output thread closed its sinks on the way out; these never got a thread
             for name in list(self.sinks):
                 self._close_sink(name)
-        snap = self.telemetry.snapshot(time.monotonic())
+        now = time.monotonic()
+        snap = self.telemetry.snapshot(now)
         self.status.finish(
-            f"{format_status(snap)}  frames out {snap.frames_out} ({self.stopped_because})"
+            f"{self.status_text(now)}  frames out {snap.frames_out} ({self.stopped_because})"
         )
 
     # ------------------------------------------------------------------ main-thread helpers
@@ -194,7 +230,8 @@ class Daemon:
                         self.telemetry.set_source_lost(False)
                         self.status.log("source is back")
                     self.input.put(frame)
-                    self.telemetry.frame_in(time.monotonic(), self.input.dropped)
+                    self._last_input_at = time.monotonic()
+                    self.telemetry.frame_in(self._last_input_at, self.input.dropped)
                     if self._stop.is_set():
                         return
             except SourceLost as exc:
@@ -212,16 +249,26 @@ class Daemon:
             return
 
     def _engine_loop(self) -> None:
-        """Take the newest frame, let the controller style it, publish the result."""
+        """Take the newest frame, let the controller style it, publish the result. Every call
+        is reported to the watchdog; a failure passes the frame through (never stops the
+        thread), and a run of failures restarts the engine."""
         while not self._stop.is_set():
             frame = self.input.take(timeout=0.1)
             if frame is None:
                 continue
+            self.watchdog.started(time.monotonic())
             try:
                 output = self.controller.process(frame, time.monotonic())
-            except Exception as exc:
-                self._fail(f"engine thread failed: {exc!r}")
-                return
+                fault = classify(self.controller.fault) if self.controller.fault else None
+            except Exception as exc:  # a bug or an unwrapped error: same as a model failure
+                output, fault = Output(frame.image, frame.captured_at, "pass"), classify(exc)
+                if not self._engine_error_logged:
+                    self.status.log(f"engine thread: {exc!r}; passing frames through")
+                self._engine_error_logged = True
+            else:
+                self._engine_error_logged = False
+            if self.watchdog.finished(time.monotonic(), fault):
+                self.controller.restart_engine(f"{self.safety.restart_after} failures: {fault}")
             self.output.put(output)
 
     def _output_loop(self) -> None:
@@ -239,7 +286,7 @@ class Daemon:
                 return
         state = PaceState.at_fps(self.fps)
         self._started_output = time.monotonic()
-        last_version = 0
+        last: tuple[str, int] = ("engine", 0)
         while not self._stop.is_set():
             state, delay = pace(state, time.monotonic())
             if delay > 0 and self._stop.wait(delay):
@@ -247,15 +294,41 @@ class Daemon:
             output, version = self.output.peek()
             if output is None:
                 return
-            self._send(output.image)
+            image, captured_at, shown = self._picture(output, version, time.monotonic())
+            self._send(image)
             now = time.monotonic()
-            self.telemetry.frame_out(
-                now, now - output.captured_at if version != last_version else None
-            )
-            last_version = version
+            fresh = captured_at is not None and shown != last
+            self.telemetry.frame_out(now, now - captured_at if fresh else None)
+            last = shown
             if self.limits.frames is not None and state.emitted >= self.limits.frames:
                 self.request_stop(f"--frames {self.limits.frames}")
                 return
+
+    def _picture(
+        self, output: Output, version: int, now: float
+    ) -> tuple[Any, float | None, tuple[str, int]]:
+        """What goes out this tick (see :func:`~broadcast_filter.runtime.watchdog.on_air`):
+        the image, the capture time of what it shows (``None`` for the slate), and which
+        picture it is (to tell a new frame from a repeat)."""
+        pick, changed = self.watchdog.tick(
+            now, input_age=now - self._last_input_at, source_lost=self._source_lost
+        )
+        if changed:
+            self.telemetry.set_on_air(pick.kind, pick.reason, self.watchdog.state.switches)
+            self.status.log(f"on air: {pick.kind}" + (f" ({pick.reason})" if pick.reason else ""))
+        h, w = output.image.shape[:2]
+        w, h = self.size or (w, h)
+        if pick.kind == "slate":
+            return no_signal_slate(w, h, pick.reason), None, ("slate", 0)
+        if pick.kind in ("pass", "fade"):
+            frame, frame_version = self.input.peek()
+            if frame is not None:
+                live = fit_image(frame.image, w, h)
+                if pick.kind == "pass":
+                    return live, frame.captured_at, ("pass", frame_version)
+                image = blend(live, fit_image(output.image, w, h), pick.weight)
+                return image, output.captured_at, ("fade", frame_version)
+        return fit_image(output.image, w, h), output.captured_at, ("engine", version)
 
     def _send(self, image: Any) -> None:
         for name, sink in list(self.sinks.items()):
@@ -265,9 +338,32 @@ class Daemon:
                 self.failed_sinks[name] = str(exc) or repr(exc)
                 self._close_sink(name)
                 left = ", ".join(self.sinks) or "none"
-                self.status.log(f"sink {name} failed: {exc!r}; still sending to: {left}")
-        if not self.sinks:
+                retry = ""
+                if self._reopen is not None:
+                    self._retry[name] = (0, time.monotonic() + self.safety.sink_retry_s)
+                    retry = f"; re-opening in {self.safety.sink_retry_s:g} s"
+                self.status.log(f"sink {name} failed: {exc!r}{retry}; still sending to: {left}")
+        if not self.sinks and self._reopen is None:
             self._fail("every sink failed")
+
+    def _retry_sinks(self, now: float) -> None:
+        """Re-open failed sinks whose backoff has run out (main thread: opening may block)."""
+        for name, (attempt, due) in list(self._retry.items()):
+            if now < due or self._reopen is None or self._stop.is_set():
+                continue
+            try:
+                sink = self._reopen(name)
+            except Exception as exc:  # still failing: wait longer, report
+                s = self.safety
+                delay = retry_delay(attempt + 1, s.sink_retry_s, s.sink_retry_max_s)
+                self._retry[name] = (attempt + 1, time.monotonic() + delay)
+                self.failed_sinks[name] = str(exc) or repr(exc)
+                self.status.log(f"sink {name}: re-open failed ({exc!r}); next try in {delay:g} s")
+                continue
+            del self._retry[name]
+            self.failed_sinks.pop(name, None)
+            self.sinks[name] = sink
+            self.status.log(f"sink {name} re-opened after {attempt + 1} attempt(s)")
 
     def _close_sink(self, name: str) -> None:
         sink = self.sinks.pop(name, None)
@@ -285,14 +381,19 @@ class Daemon:
 def open_sinks(
     sinks: Sequence[SinkSettings], width: int, height: int, fps: float
 ) -> list[tuple[str, Sink]]:
-    """Open every sink, or none: on a failure the ones already open are closed again."""
+    """Open every sink, or none: on a failure the ones already open are closed again.
+    Each is named by its URL with secrets masked (stream keys never reach the status line)."""
+    from broadcast_filter.media.network import mask_url
     from broadcast_filter.media.open import open_sink
 
     opened: list[tuple[str, Sink]] = []
     try:
         for settings in sinks:
             sink = open_sink(settings.url, width=width, height=height, fps=fps, **settings.options)
-            opened.append((settings.url, sink))
+            name = mask_url(settings.url)
+            if any(name == n for n, _ in opened):
+                name = f"{name} #{len(opened) + 1}"
+            opened.append((name, sink))
     except BaseException:
         for _, sink in opened:
             sink.close()
@@ -349,9 +450,14 @@ def build_daemon(
     telemetry = Telemetry(config.fps)
     w, h = config.width, config.height
 
+    roots = [config.path.parent.resolve(), config.presets_folder]
+    roots += [Path(config.model.cache_dir)] if config.model.cache_dir else []
+
     def load(settings: ModelSettings, chosen: Preset) -> Engine:
+        check_preset_model(chosen.model, roots)  # ids and paths from a preset file
         return load_engine(settings, w, h, chosen, progress=False)
 
+    check_preset_model(first.model, roots)
     engine = load_engine(first.model_settings(config.model), w, h, first, progress=progress)
     controller = Controller(library, first, engine, config.model, load, telemetry, status.log)
     telemetry.set_state(preset=first.name, mode="starting", bypass=False)
@@ -363,4 +469,25 @@ def build_daemon(
         for _, sink in sinks:
             sink.close()
         raise
-    return Daemon(source, sinks, controller, telemetry, config.fps, limits=limits, status=status)
+    urls = {name: settings for (name, _), settings in zip(sinks, config.sinks, strict=True)}
+
+    def reopen(name: str) -> Sink:
+        from broadcast_filter.media.open import open_sink
+
+        url = urls[name]
+        return open_sink(url.url, width=w, height=h, fps=config.fps, **url.options)
+
+    daemon = Daemon(
+        source,
+        sinks,
+        controller,
+        telemetry,
+        config.fps,
+        limits=limits,
+        status=status,
+        safety=config.safety,
+        reopen_sink=reopen,
+    )
+    if getattr(source, "state", None) is not None:  # network and NDI sources say how they are
+        daemon.status_fields["source"] = lambda: source.state
+    return daemon
