@@ -243,3 +243,19 @@ def test_a_preset_edited_on_disk_reloads_while_running_and_a_broken_edit_is_repo
     lines = "".join(daemon.status.stream.lines)
     assert "preset 'anime' updated" in lines
     assert f"{path}:" in lines and "invalid YAML" in lines and "previous version kept" in lines
+
+
+def test_a_daemon_config_changed_on_disk_says_it_needs_a_restart(tmp_path):
+    from broadcast_filter.runtime.daemon import config_watch
+
+    path = tmp_path / "daemon.yaml"
+    path.write_text("fps: 30\n")
+    logged: list[str] = []
+    field = config_watch(path, logged.append)
+    assert field() is None  # unchanged: nothing on the status line
+    path.write_text("fps: 60\n")
+    later = path.stat().st_mtime + 5
+    os.utime(path, (later, later))
+    assert field() == "daemon.yaml changed on disk: restart to apply it"
+    field()
+    assert len(logged) == 1 and str(path) in logged[0] and "restart" in logged[0]

@@ -114,12 +114,15 @@ class Daemon:
         return format_status(self.telemetry.snapshot(now)) + fields
 
     def _fields(self) -> dict[str, str]:
+        """Extra status fields; a field whose value is ``None`` has nothing to say now."""
         values = {}
         for name, field in list(self.status_fields.items()):
             try:
-                values[name] = str(field())
+                value = field()
             except Exception as exc:  # a broken field must not break the status line
-                values[name] = f"? ({exc!r})"
+                value = f"? ({exc!r})"
+            if value is not None:
+                values[name] = str(value)
         return values
 
     def request_stop(self, reason: str) -> None:
@@ -490,4 +493,29 @@ def build_daemon(
     )
     if getattr(source, "state", None) is not None:  # network and NDI sources say how they are
         daemon.status_fields["source"] = lambda: source.state
+    daemon.status_fields["config"] = config_watch(config.path, status.log)
     return daemon
+
+
+def config_watch(path: Path, log: Callable[[str], None]) -> Callable[[], str | None]:
+    """A status field that says when the daemon config changed on disk after the start:
+    it is read once, so the change needs a restart (presets, by contrast, reload live)."""
+
+    def mtime() -> float | None:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return None
+
+    started, told = mtime(), []
+
+    def state() -> str | None:
+        if mtime() == started:
+            return None
+        message = f"{path.name} changed on disk: restart to apply it"
+        if not told:
+            told.append(True)
+            log(f"{path}: changed on disk; the daemon config is read at start, restart to apply it")
+        return message
+
+    return state
