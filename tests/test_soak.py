@@ -122,15 +122,16 @@ def run_soak(seconds: float, seed: int = 6) -> dict:
     daemon.watchdog.policy = SAFETY
     daemon._reopen = lambda name: FlakySink(rng, injected)
     process = psutil.Process()
-    samples: list[tuple[float, int, int]] = []  # time, RSS, threads
+    samples: list[tuple[float, int, int, int]] = []  # time, RSS, threads, open fds
 
     def sample() -> None:
         while not daemon.stopped_because:
-            samples.append((time.monotonic(), process.memory_info().rss, threading.active_count()))
+            rss, fds = process.memory_info().rss, process.num_fds()  # fds: files + sockets
+            samples.append((time.monotonic(), rss, threading.active_count(), fds))
             time.sleep(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    threads_before = threading.active_count()
+    threads_before, fds_before = threading.active_count(), process.num_fds()
     sampler.start()
     assert daemon.run() == 0, daemon.failure
     sampler.join(2)
@@ -151,6 +152,9 @@ def run_soak(seconds: float, seed: int = 6) -> dict:
         "rss_mb_end": round(samples[-1][1] / 2**20, 1),
         "threads_max": max(s[2] for s in samples),
         "threads_before": threads_before,
+        "fds_before": fds_before,
+        "fds_max": max(s[3] for s in samples),
+        "fds_end": samples[-1][3],
     }
     print("\nsoak figures:", figures)
     return figures
@@ -169,3 +173,4 @@ def test_soak_with_injected_faults_never_leaves_a_gap_and_stays_bounded():
     assert f["rss_mb_end"] - f["rss_mb_start"] < 40  # stated bound: no growth over time
     assert f["threads_max"] <= f["threads_before"] + 6  # ingest, engine, output, sampler,
     # one model loader and one sink child at most
+    assert f["fds_max"] <= f["fds_before"] + 16  # files and sockets: no leak per fault
