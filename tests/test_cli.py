@@ -63,26 +63,13 @@ def test_demo_writes_the_frames_asked_for_and_they_are_styled(tmp_path, cli_env)
     assert "warm-up" in result.stderr  # the progress bar
 
 
-@pytest.mark.slow
-def test_sigint_mid_run_exits_within_two_seconds_with_a_playable_file(tmp_path, cli_env):
-    out = tmp_path / "live.mp4"
+def start_running(cwd: Path, env: dict[str, str], *outputs: str) -> tuple[subprocess.Popen, list]:
+    """Start the demo with these outputs and return once frames are styled and flowing."""
+    argv = [sys.executable, "-m", "broadcast_filter.cli", "run", "--config", str(DEMO)]
+    for output in outputs:
+        argv += ["--output", output]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "broadcast_filter.cli",
-            "run",
-            "--config",
-            str(DEMO),
-            "--output",
-            str(out),
-            "--duration",
-            "120",
-        ],
-        cwd=tmp_path,
-        env=cli_env,
-        stderr=subprocess.PIPE,
-        text=True,
+        [*argv, "--duration", "120"], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
     )
     running = threading.Event()
     lines: list[str] = []
@@ -94,9 +81,18 @@ def test_sigint_mid_run_exits_within_two_seconds_with_a_playable_file(tmp_path, 
                 running.set()
 
     threading.Thread(target=read, daemon=True).start()
+    if not running.wait(90):
+        proc.kill()
+        raise AssertionError("".join(lines))
+    time.sleep(2.0)  # let frames flow into the outputs
+    return proc, lines
+
+
+@pytest.mark.slow
+def test_sigint_mid_run_exits_within_two_seconds_with_a_playable_file(tmp_path, cli_env):
+    out = tmp_path / "live.mp4"
+    proc, lines = start_running(tmp_path, cli_env, str(out))
     try:
-        assert running.wait(90), "".join(lines)
-        time.sleep(2.0)  # let frames flow into the file
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
@@ -105,6 +101,29 @@ def test_sigint_mid_run_exits_within_two_seconds_with_a_playable_file(tmp_path, 
         proc.kill()
     assert proc.returncode == 0, "".join(lines)
     assert elapsed < 2.0
+    frames = decode(out)
+    assert len(frames) >= 10 and frames[0].shape == (128, 128, 3)
+
+
+@pytest.mark.slow
+def test_a_second_sigint_exits_at_once_leaving_a_playable_file_and_no_child(tmp_path, cli_env):
+    """Impatient operators press Ctrl-C twice: the process goes at once, the mp4 (written as
+    fragments) still plays, and the UDP output's encoder process goes with it."""
+    import psutil
+
+    out = tmp_path / "live.mp4"
+    proc, _ = start_running(tmp_path, cli_env, str(out), "udp://127.0.0.1:29999")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    try:
+        assert children, "the UDP output should run in a child process"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=5)
+        _, alive = psutil.wait_procs(children, timeout=5)
+    finally:
+        proc.kill()
+    assert alive == [], f"left behind: {alive}"
     frames = decode(out)
     assert len(frames) >= 10 and frames[0].shape == (128, 128, 3)
 
