@@ -346,6 +346,24 @@ def test_controller_styles_passes_through_and_bypasses_at_frame_boundaries(libra
         c.apply_preset("nope")
 
 
+def test_prepare_preset_encodes_the_prompt_before_the_cut_and_changes_nothing_on_air(
+    library, base_model
+):
+    c = make_controller(library, base_model)
+    c.process(frame(0), 0.0)
+    calls: list[int] = []
+    hook = c.engine.pipe.models.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        c.prepare_preset("b")  # studio mode: "b" is in preview
+        c.process(frame(1), 1.0)
+        assert len(calls) == 1 and c.active.name == "a"  # warmed, not applied
+        c.apply_preset("b")  # the cut
+        c.process(frame(2), 2.0)
+        assert len(calls) == 1 and c.active.name == "b"  # no encoder call at the cut
+    finally:
+        hook.remove()
+
+
 def test_controller_set_param_changes_the_running_preset_live(library, base_model):
     c = make_controller(library, base_model)
     c.process(frame(0), 0.0)

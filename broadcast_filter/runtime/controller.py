@@ -54,6 +54,7 @@ class Controller:
         self._load, self._log = load, log
         self._lock = threading.Lock()  # guards the wishes below and the library
         self._pending: Preset | None = None
+        self._warm: Preset | None = None
         self._bypass = False
         self._loaded: Engine | None = None
         self._load_error: tuple[ModelSettings, str] | None = None
@@ -97,6 +98,12 @@ class Controller:
         with self._lock:
             return self.library.names()
 
+    def prepare_preset(self, name: str) -> None:
+        """Warm a preset before it goes on air (OBS studio mode's preview scene): its prompt is
+        encoded at the next frame boundary, so the cut itself needs no text-encoder call."""
+        with self._lock:
+            self._warm = self.library.get(name)
+
     def status(self) -> dict[str, Any]:
         return self.telemetry.snapshot(time.monotonic()).as_dict()
 
@@ -128,6 +135,9 @@ class Controller:
             loaded, self._loaded = self._loaded, None
             load_error, self._load_error = self._load_error, None
             restart, self._restart = self._restart, None
+            warm, self._warm = self._warm, None
+        if warm is not None and not warm.bypass and self._engine_ready(warm):
+            self.engine.pipe.encode_prompt(warm.prompt, warm.negative_prompt)
         if restart is not None and self.engine is not None and self._loading is None:
             self._log(f"restarting the engine ({restart}); passing frames through meanwhile")
             self._failed.discard(self.engine.settings)
