@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -79,7 +80,7 @@ def available() -> dict[str, tuple[Pair, Callable[..., Sink]]]:
     transports = dict(TRANSPORTS)
     if peers.nginx_missing():
         del transports["rtmp via nginx"]
-    if not network.SrtSource.is_available():
+    if shutil.which("srt-live-transmit") is None:
         del transports["srt (bridged)"]
     from broadcast_filter.media.ndi import is_installed
 

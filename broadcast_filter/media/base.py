@@ -46,11 +46,6 @@ class Source(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device, socket or file."""
 
-    @classmethod
-    def is_available(cls) -> bool:
-        """Whether this source kind can run on this machine (libraries, protocols present)."""
-        return True
-
     def __enter__(self) -> Source:
         return self
 
@@ -65,17 +60,23 @@ class Sink(abc.ABC):
 
     def __init__(self, *, width: int, height: int, fps: float) -> None:
         self.width, self.height, self.fps = width, height, fps
+        #: how errors name this sink (network sinks: the URL with secrets masked)
+        self.label = self.kind
 
     @abc.abstractmethod
     def send(self, image: np.ndarray) -> None:
-        """Deliver one ``(height, width, 3)`` uint8 RGB frame."""
+        """Deliver one ``(height, width, 3)`` uint8 RGB frame (see :meth:`check`)."""
+
+    def check(self, image: np.ndarray) -> None:
+        """Raise ValueError unless ``image`` is a ``(height, width, 3)`` uint8 frame."""
+        if image.shape != (self.height, self.width, 3) or image.dtype != np.uint8:
+            raise ValueError(
+                f"{self.kind} sink {self.label!r} expects ({self.height}, {self.width}, 3) "
+                f"uint8 RGB, got {image.shape} {image.dtype}"
+            )
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release; called exactly once."""
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return True
 
     def __enter__(self) -> Sink:
         return self

@@ -1,13 +1,13 @@
 """Egress process: read RGB frames from stdin, encode low-latency H.264 and send it.
 
-Started by :class:`broadcast_filter.media.network.NetworkSink` as
-``python -m broadcast_filter.media.egress_process``, settings on stdin (see ``handoff``).
-A reader thread keeps only the newest frame, so a slow or dead connection never backs up
-the daemon. The main thread connects (PyAV connects lazily and holds the GIL while it does,
-which is why this is a process), encodes with libx264 ultrafast + zerolatency at a
-constant-ish bitrate (bit_rate = maxrate = bufsize over one second), and on any error
+Started by :class:`broadcast_filter.media.network.NetworkSink` through the
+:mod:`~broadcast_filter.media.supervisor`, settings on stdin (see :mod:`wire`). A reader
+thread moves frames into a :class:`~broadcast_filter.media.jitter.JitterBuffer`, so a brief
+stall of the encoder loses nothing and a long one drops the oldest frames (counted, and
+reported to the daemon). The main thread connects (PyAV connects lazily and holds the GIL
+while it does, which is why this is a process), encodes (:mod:`h264`) and on any error
 reports the state, waits with exponential backoff and connects again with a fresh encoder.
-End of stdin means "flush and exit".
+End of stdin means "flush and exit": the daemon closed the sink, or died.
 """
 
 from __future__ import annotations
@@ -17,15 +17,19 @@ import os
 import sys
 import threading
 import time
-from fractions import Fraction
 from typing import BinaryIO
 
 import av
 import av.error
 import numpy as np
 
-from broadcast_filter.media import handoff
+from broadcast_filter.backoff import Backoff
+from broadcast_filter.media import portable, wire
+from broadcast_filter.media.h264 import add_h264_stream, live_bitrate
 from broadcast_filter.media.ingest_process import reason
+from broadcast_filter.media.jitter import JitterBuffer
+from broadcast_filter.media.rate import frame_rate
+from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
 
 Item = tuple[np.ndarray, float]
 
@@ -38,85 +42,78 @@ MUXER_OPTIONS = {
 }
 
 
-def read_frames(inp: BinaryIO, slot: handoff.LatestSlot[Item]) -> None:
-    """Move frames from stdin into ``slot`` until end of stream, then close it."""
+def read_frames(inp: BinaryIO, buffer: JitterBuffer[Item]) -> None:
+    """Move frames from stdin into ``buffer`` until end of stream, then close it."""
     try:
-        while (message := handoff.read_message(inp)) is not None:
-            if message.kind == handoff.FRAME:
+        while (message := wire.read_message(inp)) is not None:
+            if message.kind == wire.FRAME:
                 assert isinstance(message.payload, np.ndarray)
-                slot.put((message.payload, message.t))
+                buffer.put((message.payload, message.t))
     finally:
-        slot.close()
+        buffer.close()
 
 
 def open_output(spec: dict) -> tuple[av.container.OutputContainer, av.VideoStream]:
-    fps = Fraction(spec["fps"]).limit_denominator(1001)
-    bitrate = str(spec["bitrate"])
     options = MUXER_OPTIONS[spec["format"]]
     container = av.open(spec["url"], "w", format=spec["format"], options=options, timeout=5.0)
-    stream = container.add_stream(
-        "libx264",
-        rate=fps,
-        options={
-            "preset": spec["preset"],
-            "tune": "zerolatency",
-            "g": str(spec["gop"]),
-            "maxrate": bitrate,
-            "bufsize": bitrate,
-        },
+    stream = add_h264_stream(
+        container,
+        width=spec["width"],
+        height=spec["height"],
+        fps=spec["fps"],
+        gop=spec["gop"],
+        preset=spec["preset"],
+        rate_control=live_bitrate(spec["bitrate"]),
     )
-    stream.width, stream.height = spec["width"], spec["height"]
-    stream.pix_fmt = "yuv420p"
-    stream.bit_rate = spec["bitrate"]
-    stream.codec_context.time_base = 1 / fps
     return container, stream
 
 
 def send(
     container: av.container.OutputContainer,
     stream: av.VideoStream,
-    slot: handoff.LatestSlot[Item],
+    buffer: JitterBuffer[Item],
     fps: float,
     report: BinaryIO,
 ) -> None:
-    """Encode and mux frames until the slot closes; pts follow the time each frame was sent."""
+    """Encode and mux frames until the buffer closes; pts follow the time each frame was sent."""
+    rate = float(frame_rate(fps))
     t0: float | None = None
     pts = -1
-    dropped = slot.dropped
-    while (item := slot.take()) is not None:
-        if slot.dropped != dropped:
-            dropped = slot.dropped
-            handoff.write_text(report, handoff.DROPS, dropped, "")
+    dropped = buffer.dropped
+    while (item := buffer.take()) is not None:
+        if buffer.dropped != dropped:
+            dropped = buffer.dropped
+            wire.write_drops(report, dropped)
         image, sent_at = item
         t0 = sent_at if t0 is None else t0
-        pts = max(pts + 1, round((sent_at - t0) * fps))
+        pts = max(pts + 1, round((sent_at - t0) * rate))
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = pts
         container.mux(stream.encode(frame))
     container.mux(stream.encode(None))
 
 
-def egress(spec: dict, slot: handoff.LatestSlot[Item], report: BinaryIO) -> None:
+def egress(spec: dict, buffer: JitterBuffer[Item], report: BinaryIO) -> None:
     label = spec["label"]
-    backoff_min, backoff_max = spec["backoff"]
-    backoff = backoff_min
-    while not slot.closed:
-        handoff.write_text(report, handoff.STATE, handoff.CONNECTING, f"connecting to {label}")
+    backoff = Backoff(*spec["backoff"])
+    while not buffer.closed:
+        wire.write_text(report, wire.STATE, wire.CONNECTING, f"connecting to {label}")
         container = None
         live = False
         try:
             container, stream = open_output(spec)
             container.start_encoding()  # connects now instead of at the first mux
-            live, backoff = True, backoff_min
-            handoff.write_text(report, handoff.STATE, handoff.LIVE, "live")
-            send(container, stream, slot, spec["fps"], report)
+            live = True
+            backoff.reset()
+            wire.write_text(report, wire.STATE, wire.LIVE, "live")
+            send(container, stream, buffer, spec["fps"], report)
         except (av.error.FFmpegError, OSError) as exc:
             what = "lost" if live else "cannot connect"
-            code = handoff.LOST if live else handoff.CONNECTING
-            text = f"{what} ({reason(exc)}), retrying in {backoff:g}s"
-            handoff.write_text(report, handoff.STATE, code, text)
-            slot.wait_closed(backoff)
-            backoff = min(backoff * 2, backoff_max)
+            code = wire.LOST if live else wire.CONNECTING
+            delay = backoff.step()
+            text = f"{what} ({reason(exc)}), retrying in {delay:g}s"
+            wire.write_text(report, wire.STATE, code, text)
+            buffer.wait_closed(delay)
         finally:
             if container is not None:
                 with contextlib.suppress(av.error.FFmpegError, OSError):
@@ -124,26 +121,27 @@ def egress(spec: dict, slot: handoff.LatestSlot[Item], report: BinaryIO) -> None
 
 
 def main() -> None:
-    handoff.die_with_parent()
+    portable.die_with_parent()
     inp = sys.stdin.buffer
-    spec = handoff.read_spec(inp)
+    spec = wire.read_spec(inp)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout = sys.stderr
     bridge = None
     if spec.get("srt"):
-        port = handoff.free_udp_port()
-        bridge = handoff.start_srt_bridge(spec["srt"], port, inbound=False)
+        port = free_udp_port()
+        bridge = start_srt_bridge(spec["srt"], port, inbound=False)
         spec["url"] = f"udp://127.0.0.1:{port}?pkt_size=1316"
-    slot: handoff.LatestSlot[Item] = handoff.LatestSlot()
-    threading.Thread(target=read_frames, args=(inp, slot), daemon=True).start()
+        portable.exit_on_sigterm()  # so the bridge is stopped on the way out
+    buffer: JitterBuffer[Item] = JitterBuffer(spec["jitter_frames"])
+    threading.Thread(target=read_frames, args=(inp, buffer), daemon=True).start()
     try:
-        egress(spec, slot, out)
+        egress(spec, buffer, out)
     except BrokenPipeError:
         pass
     finally:
         if bridge is not None:
             time.sleep(0.2)  # let the bridge forward the last datagrams
-            handoff.stop_process(bridge)
+            portable.stop_process(bridge)
 
 
 if __name__ == "__main__":

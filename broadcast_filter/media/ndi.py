@@ -32,8 +32,9 @@ from broadcast_filter.media.base import (
     register_sink,
     register_source,
 )
-from broadcast_filter.media.handoff import LatestSlot
+from broadcast_filter.media.rate import frame_rate
 from broadcast_filter.media.sources import Device
+from broadcast_filter.slot import LatestSlot
 
 MISSING_MESSAGE = (
     "NDI needs the ndi-python package: pip install 'broadcast-filter[ndi]' "
@@ -99,10 +100,6 @@ class NdiSource(Source):
         self._receiver = None
         self._closed = threading.Event()
         self._index = 0
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return is_installed()
 
     @property
     def state(self) -> str:
@@ -192,7 +189,7 @@ class NdiSink(Sink):
     def __init__(self, url: str, *, width: int, height: int, fps: float) -> None:
         super().__init__(width=width, height=height, fps=fps)
         ndi = ndi_lib()
-        self.name = _name(url)
+        self.name = self.label = _name(url)
         settings = ndi.SendCreate()
         settings.ndi_name = self.name
         settings.clock_video = False  # the daemon paces output itself
@@ -200,20 +197,17 @@ class NdiSink(Sink):
         self._sender = ndi.send_create(settings)
         if self._sender is None:
             raise MediaError(f"could not create the NDI sender {self.name!r}")
-        rate = Fraction(fps).limit_denominator(1001)
+        rate = frame_rate(fps)
         self._frame = ndi.VideoFrameV2()
         self._frame.FourCC = ndi.FOURCC_VIDEO_TYPE_RGBX
         self._frame.frame_rate_N, self._frame.frame_rate_D = rate.numerator, rate.denominator
         self._frame.picture_aspect_ratio = width / height
         self._frame.frame_format_type = ndi.FRAME_FORMAT_TYPE_PROGRESSIVE
         self._rgbx = np.full((height, width, 4), 255, np.uint8)
-        self._slot: LatestSlot[np.ndarray] = LatestSlot()
+        # drain: the frame sent last before close() still goes out
+        self._slot: LatestSlot[np.ndarray] = LatestSlot(drain=True)
         self._thread = threading.Thread(target=self._run, name=f"ndi {self.name}", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return is_installed()
 
     @property
     def dropped(self) -> int:
@@ -226,11 +220,7 @@ class NdiSink(Sink):
         return f"live, {count} receiver{'s' if count != 1 else ''}"
 
     def send(self, image: np.ndarray) -> None:
-        if image.shape != (self.height, self.width, 3) or image.dtype != np.uint8:
-            raise ValueError(
-                f"NDI {self.name!r}: expected a ({self.height}, {self.width}, 3) uint8 frame, "
-                f"got {image.shape} {image.dtype}"
-            )
+        self.check(image)
         self._slot.put(image.copy())
 
     def _run(self) -> None:

@@ -3,8 +3,9 @@
 Why a process: PyAV holds the GIL while it blocks inside FFmpeg (an RTMP listener waiting
 for a publisher, a lazy RTMP connect at the first mux), which would freeze every thread of
 the daemon. So each source runs ``python -m broadcast_filter.media.ingest_process`` and each
-sink ``python -m broadcast_filter.media.egress_process``; frames cross a pipe (raw RGB), the
-newest frame wins on both sides, and the process re-opens the stream by itself with backoff.
+sink ``python -m broadcast_filter.media.egress_process``; frames cross a pipe (raw RGB, :mod:`wire`)
+through a short jitter buffer on each side (a brief stall loses nothing, a long one drops
+the oldest frames and counts them), and the process re-opens the stream by itself with backoff.
 
 Sources (``--source``), registered as ``rtmp``, ``udp`` and ``srt``:
 
@@ -27,48 +28,41 @@ ultrafast, zerolatency, constant-ish bitrate) at the size and rate they were ope
 * ``srt://HOST:PORT?mode=caller`` or ``srt://:PORT?mode=listener`` — MPEG-TS over SRT via an
   ``srt-live-transmit`` bridge, as for the source.
 
-A sink never blocks ``send()``: it copies the frame into a one-slot hand-off; a worker thread
-feeds the egress process, which connects, encodes and retries. Stream keys and passphrases
-are masked (:func:`mask_url`) in every state string, log line and exception.
+A sink never blocks ``send()``: it copies the frame into a short jitter buffer; a worker
+thread feeds the egress process, which connects, encodes and retries. One
+:class:`~broadcast_filter.media.supervisor.Supervisor` runs and restarts each I/O process.
+Stream keys and passphrases are masked (:func:`mask_url`) in every state string, log line
+and exception.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from broadcast_filter.media import handoff
+from broadcast_filter.media import wire
 from broadcast_filter.media.base import (
     Frame,
-    MediaError,
     Sink,
     Source,
     SourceLost,
     register_sink,
     register_source,
 )
-
-log = logging.getLogger(__name__)
+from broadcast_filter.media.jitter import JITTER_FRAMES, JitterBuffer
+from broadcast_filter.media.srt_bridge import require_srt_tools
+from broadcast_filter.media.supervisor import Supervisor
 
 SECRET_PARAMS = frozenset(
     {"passphrase", "streamid", "key", "token", "password", "pass", "secret", "auth", "sig"}
 )
 _URL_IN_TEXT = re.compile(r"\b(?:rtmps?|rtmpt|srt|udp)://[^\s'\"]+")
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def mask_url(url: str) -> str:
@@ -107,63 +101,19 @@ def _with_query(base: str, params: dict[str, str]) -> str:
     return f"{base}?{urlencode(params)}" if params else base
 
 
-class _IOProcess:
-    """One I/O child: started with its settings on stdin, stderr kept in a temp file, and
-    stopped by PID. It dies with the daemon (PDEATHSIG) if the daemon is killed."""
-
-    def __init__(self, module: str, spec: dict[str, object]) -> None:
-        self.module, self.spec = module, spec
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._stderr: BinaryIO | None = None
-
-    def start(self) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=env,
-            bufsize=-1,
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        handoff.grow_pipe(self.proc.stdin.fileno())
-        handoff.grow_pipe(self.proc.stdout.fileno())
-        handoff.write_spec(self.proc.stdin, self.spec)
-        return self.proc
-
-    def error_tail(self) -> str:
-        """The last line the process wrote to stderr, with URLs masked."""
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0, os.SEEK_END)
-        self._stderr.seek(max(0, self._stderr.tell() - 2000))
-        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
-        return mask_urls_in(lines[-1]) if lines else ""
-
-    def stop(self) -> None:
-        """Stop by PID first: that unblocks our threads reading or writing its pipes."""
-        if self.proc is not None:
-            handoff.stop_process(self.proc)
-            for pipe in (self.proc.stdin, self.proc.stdout):
-                if pipe is not None:
-                    with contextlib.suppress(OSError):
-                        pipe.close()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
-
-
 class NetworkSource(Source):
-    """A live network stream decoded in an ingest process; yields the newest frame.
+    """A live network stream decoded in an ingest process.
 
     ``frames()`` raises :class:`SourceLost` when a stream that was live drops; the process
     keeps re-opening in the background, so calling ``frames()`` again picks up the returning
     publisher. ``state`` says what is happening ("waiting for publisher", "live",
-    "lost (...), retrying in 2s"). Frames keep the native size of the stream; ``captured_at``
-    is when the ingest process decoded them.
+    "lost (...), retrying in 2s") and how many frames were dropped. Frames keep the native
+    size of the stream; ``captured_at`` is when the ingest process decoded them.
+
+    What it promises: every frame the ingest process decodes is counted in ``received`` and
+    handed to ``frames()`` in order, through a :class:`JitterBuffer` of ``jitter_frames``:
+    a consumer that stalls for less than that many frames loses nothing; beyond it the
+    oldest frames are dropped and counted in ``dropped`` (shown in ``state``).
 
     ``open_timeout`` bounds a pull's connect + probe (listeners wait without limit);
     ``read_timeout`` is how long silence counts as "publisher gone"; ``backoff`` is the
@@ -183,10 +133,11 @@ class NetworkSource(Source):
         read_timeout: float = 2.0,
         backoff: tuple[float, float] = (0.5, 4.0),
         low_delay: bool = True,
+        jitter_frames: int = JITTER_FRAMES,
     ) -> None:
         self.url = url
         self.label = mask_url(url)
-        self.spec = self._ingest_spec(url) | {
+        spec = self._ingest_spec(url) | {
             "low_delay": low_delay,
             "format": self.container_format,
             "label": self.label,
@@ -194,90 +145,77 @@ class NetworkSource(Source):
             "read_timeout": read_timeout,
             "backoff": list(backoff),
         }
-        self._slot: handoff.LatestSlot[Frame] = handoff.LatestSlot()
+        self._buffer: JitterBuffer[Frame] = JitterBuffer(jitter_frames)
         self._state = "not started"
+        self._was_live = False
         self._losses = 0
         self._lost = ""
-        self._child: _IOProcess | None = None
-        self._thread: threading.Thread | None = None
+        self.received = 0
         self._closed = threading.Event()
+        self._supervisor = Supervisor(
+            "broadcast_filter.media.ingest_process",
+            spec,
+            name=f"ingest {self.label}",
+            on_message=self._on_message,
+            on_exit=self._on_exit,
+            mask=mask_urls_in,
+        )
+        self._started = False
 
     def _ingest_spec(self, url: str) -> dict[str, object]:
         raise NotImplementedError
 
     @property
     def state(self) -> str:
-        """Human-readable connection state for the status line."""
-        return self._state
+        """Human-readable connection state for the status line, with the drop count."""
+        dropped = self.dropped
+        return f"{self._state}, {dropped} dropped" if dropped else self._state
 
     @property
     def dropped(self) -> int:
-        """Frames replaced before ``frames()`` took them (the consumer was slower)."""
-        return self._slot.dropped
+        """Frames dropped because ``frames()`` fell more than the jitter buffer behind."""
+        return self._buffer.dropped
 
     def frames(self) -> Iterator[Frame]:
         if self._closed.is_set():
             return
-        self._start()
+        if not self._started:
+            self._started = True
+            self._supervisor.start()
         losses = self._losses
         while not self._closed.is_set():
-            frame = self._slot.take(timeout=0.5)
-            if self._losses != losses:
-                raise SourceLost(f"{self.label}: {self._lost}")
+            frame = self._buffer.take(timeout=0.5)
             if frame is not None:
                 yield frame
+            elif self._losses != losses:
+                raise SourceLost(f"{self.label}: {self._lost}")
 
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._pump, name=f"ingest {self.label}", daemon=True
-            )
-            self._thread.start()
+    def _on_message(self, message: wire.Message) -> None:
+        if message.kind == wire.FRAME:
+            assert isinstance(message.payload, np.ndarray)
+            self.received += 1
+            self._buffer.put(Frame(message.payload, message.t, message.n))
+        elif message.kind == wire.STATE:
+            self._state = message.text
+            if message.a == wire.LIVE:
+                self._was_live = True
+            elif message.a == wire.LOST and self._was_live:
+                self._lose(message.text)
 
-    def _pump(self) -> None:
-        """Run the ingest process and move its messages into the slot; restart it if it dies."""
-        restart_delay = 1.0
-        while not self._closed.is_set():
-            self._child = _IOProcess("broadcast_filter.media.ingest_process", self.spec)
-            proc = self._child.start()
-            assert proc.stdout is not None
-            was_live = False
-            try:
-                while (message := handoff.read_message(proc.stdout)) is not None:
-                    if message.kind == handoff.FRAME:
-                        assert isinstance(message.payload, np.ndarray)
-                        self._slot.put(Frame(message.payload, message.t, message.n))
-                    elif message.kind == handoff.STATE:
-                        self._state = message.text
-                        if message.a == handoff.LIVE:
-                            was_live = True
-                        elif message.a == handoff.LOST and was_live:
-                            was_live, self._lost = False, message.text
-                            self._losses += 1
-            except (OSError, ValueError):
-                pass  # pipe closed by close()
-            if self._closed.is_set():
-                break
-            proc.wait()
-            self._state = (
-                f"ingest process exited ({proc.returncode}): {self._child.error_tail()}; "
-                f"restarting in {restart_delay:g}s"
-            )
-            log.warning("%s: %s", self.label, self._state)
-            if was_live:
-                self._lost = self._state
-                self._losses += 1
-            self._child.stop()
-            self._closed.wait(restart_delay)
-            restart_delay = min(restart_delay * 2, 30.0)
+    def _on_exit(self, why: str) -> None:
+        self._state = why
+        if self._was_live:
+            self._lose(why)
+
+    def _lose(self, why: str) -> None:
+        self._was_live, self._lost = False, why
+        self._losses += 1
 
     def close(self) -> None:
         self._closed.set()
-        self._slot.close()
-        if self._child is not None:
-            self._child.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._buffer.close()
+        if self._started:
+            self._supervisor.stop()
         self._state = "closed"
 
 
@@ -313,21 +251,9 @@ class SrtSource(NetworkSource):
     kind = "srt"
     container_format = "mpegts"
 
-    @classmethod
-    def is_available(cls) -> bool:
-        return shutil.which("srt-live-transmit") is not None
-
     def _ingest_spec(self, url: str) -> dict[str, object]:
-        _require_srt_tools()
+        require_srt_tools()
         return {"url": "", "listen": True, "srt": url}
-
-
-def _require_srt_tools() -> None:
-    if shutil.which("srt-live-transmit") is None:
-        raise MediaError(
-            "SRT needs the srt-live-transmit tool (PyAV has no SRT protocol): "
-            "install it with 'apt-get install srt-tools' (Debian/Ubuntu)"
-        )
 
 
 class NetworkSink(Sink):
@@ -335,7 +261,12 @@ class NetworkSink(Sink):
 
     ``bitrate`` (bits/s) is also the max rate and the 1-second VBV buffer (constant-ish
     bitrate for live ingest); ``keyframe_interval`` is in seconds. ``state`` says
-    "connecting", "live" or "lost (...), retrying in 2s".
+    "connecting", "live" or "lost (...), retrying in 2s", and how many frames were dropped.
+
+    What it promises: every frame given to ``send()`` reaches the encoder in order unless
+    the pipe or the encoder stalls for longer than ``jitter_frames`` frames (a
+    :class:`JitterBuffer` on each side of the pipe); then the oldest frames are dropped and
+    counted in ``dropped``. While the connection is down frames are dropped the same way.
     """
 
     container_format: ClassVar[str]
@@ -351,11 +282,12 @@ class NetworkSink(Sink):
         keyframe_interval: float = 1.0,
         preset: str = "ultrafast",
         backoff: tuple[float, float] = (0.5, 4.0),
+        jitter_frames: int = JITTER_FRAMES,
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         self.url = url
         self.label = mask_url(url)
-        self.spec = self._egress_spec(url) | {
+        spec = self._egress_spec(url) | {
             "format": self.container_format,
             "label": self.label,
             "width": width,
@@ -365,84 +297,67 @@ class NetworkSink(Sink):
             "gop": max(1, round(keyframe_interval * fps)),
             "preset": preset,
             "backoff": list(backoff),
+            "jitter_frames": jitter_frames,
         }
-        self._slot: handoff.LatestSlot[tuple[np.ndarray, float]] = handoff.LatestSlot()
+        self._buffer: JitterBuffer[tuple[np.ndarray, float]] = JitterBuffer(jitter_frames)
         self._state = "connecting"
         self._child_dropped = 0
-        self._child: _IOProcess | None = None
-        self._status_thread: threading.Thread | None = None
-        self._writer = threading.Thread(target=self._feed, name=f"egress {self.label}", daemon=True)
-        self._writer.start()
+        self._dropped_before = 0  # by egress processes that have exited
+        self._supervisor = Supervisor(
+            "broadcast_filter.media.egress_process",
+            spec,
+            name=f"egress {self.label}",
+            on_message=self._on_message,
+            on_exit=self._on_exit,
+            mask=mask_urls_in,
+            feed=self._feed,
+        )
+        self._supervisor.start()
 
     def _egress_spec(self, url: str) -> dict[str, object]:
         raise NotImplementedError
 
     @property
     def state(self) -> str:
-        return self._state
+        dropped = self.dropped
+        return f"{self._state}, {dropped} dropped" if dropped else self._state
 
     @property
     def dropped(self) -> int:
-        """Frames replaced before the encoder took them (it was slower than ``send()``)."""
-        return self._slot.dropped + self._child_dropped
+        """Frames dropped on the way to the encoder (see the class docstring)."""
+        return self._buffer.dropped + self._dropped_before + self._child_dropped
 
     def send(self, image: np.ndarray) -> None:
-        if image.shape != (self.height, self.width, 3) or image.dtype != np.uint8:
-            raise ValueError(
-                f"{self.label}: expected a ({self.height}, {self.width}, 3) uint8 frame, "
-                f"got {image.shape} {image.dtype}"
-            )
-        self._slot.put((image.copy(), time.monotonic()))
+        self.check(image)
+        self._buffer.put((image.copy(), time.monotonic()))
 
-    def _feed(self) -> None:
-        """Write the newest frame to the egress process; restart the process if it died."""
-        restart_delay = 1.0
-        while not self._slot.closed:
-            self._child = _IOProcess("broadcast_filter.media.egress_process", self.spec)
-            proc = self._child.start()
-            self._status_thread = threading.Thread(
-                target=self._read_status, args=(proc,), daemon=True
-            )
-            self._status_thread.start()
-            assert proc.stdin is not None
-            try:
-                while (item := self._slot.take()) is not None:
-                    handoff.write_frame(proc.stdin, item[0], item[1], 0)
-                proc.stdin.close()  # end of stream: the process flushes and exits
-                proc.wait(timeout=5)
-                return
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass
-            if self._slot.closed:
-                return
-            proc.wait()
-            self._state = (
-                f"egress process exited ({proc.returncode}): {self._child.error_tail()}; "
-                f"restarting in {restart_delay:g}s"
-            )
-            log.warning("%s: %s", self.label, self._state)
-            self._child.stop()
-            self._slot.wait_closed(restart_delay)
-            restart_delay = min(restart_delay * 2, 30.0)
-
-    def _read_status(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
+    def _feed(self, stdin: BinaryIO, alive: Callable[[], bool]) -> bool:
+        """Write frames to one egress process: True once closed and drained, False if it died."""
         try:
-            while (message := handoff.read_message(proc.stdout)) is not None:
-                if message.kind == handoff.STATE:
-                    self._state = message.text
-                elif message.kind == handoff.DROPS:
-                    self._child_dropped = message.a
+            while alive():
+                item = self._buffer.take(timeout=0.5)
+                if item is None and self._buffer.closed:
+                    return True
+                if item is not None:
+                    wire.write_frame(stdin, item[0], item[1], 0)
         except (OSError, ValueError):
             pass
+        return False
+
+    def _on_message(self, message: wire.Message) -> None:
+        if message.kind == wire.STATE:
+            self._state = message.text
+        elif message.kind == wire.DROPS:
+            self._child_dropped = message.a
+
+    def _on_exit(self, why: str) -> None:
+        self._state = why
+        self._dropped_before += self._child_dropped
+        self._child_dropped = 0
 
     def close(self) -> None:
-        self._slot.close()
-        self._writer.join(timeout=8)
-        if self._child is not None:
-            self._child.stop()
-        if self._status_thread is not None:
-            self._status_thread.join(timeout=2)
+        self._buffer.close()
+        self._supervisor.stop(wait=8)
         self._state = "closed"
 
 
@@ -473,12 +388,8 @@ class SrtSink(NetworkSink):
     kind = "srt"
     container_format = "mpegts"
 
-    @classmethod
-    def is_available(cls) -> bool:
-        return shutil.which("srt-live-transmit") is not None
-
     def _egress_spec(self, url: str) -> dict[str, object]:
-        _require_srt_tools()
+        require_srt_tools()
         return {"url": "", "srt": url}
 
 

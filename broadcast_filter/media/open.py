@@ -1,8 +1,9 @@
 """Open a source or sink from a URL, and list the devices this machine has.
 
 Local forms are registered here under their scheme in :data:`base.SOURCES` / :data:`base.SINKS`;
-network transports (rtmp, udp, srt, ndi, ...) register themselves in
-``broadcast_filter.media.network`` and ``broadcast_filter.media.ndi``, imported on first use.
+network transports (rtmp, udp, srt, ndi) register themselves in
+``broadcast_filter.media.network`` and ``broadcast_filter.media.ndi``, imported here
+(NDI registers only when ndi-python is installed).
 Sink factories are called as ``factory(url, width=, height=, fps=, **options)``. Local source
 factories also get ``fit=`` and convert frames themselves; other source factories are called as
 ``factory(url, **options)`` and their native-size frames are fitted by
@@ -11,10 +12,10 @@ factories also get ``fit=`` and convert frames themselves; other source factorie
 
 from __future__ import annotations
 
-import importlib
 import re
 from urllib.parse import parse_qsl
 
+from . import ndi, network  # noqa: F401 - importing them registers their kinds
 from .base import (
     SINKS,
     SOURCES,
@@ -67,8 +68,6 @@ SINK_FORMS = """\
 _LOCAL_SOURCES = frozenset(
     ["testsrc", "file", "device", "v4l2", "dshow", "avfoundation", "screen", "x11grab", "gdigrab"]
 )
-_PLUGINS = ("broadcast_filter.media.network", "broadcast_filter.media.ndi")
-_plugin_errors: dict[str, str] | None = None
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)(?=[:?]|$)")
 
 
@@ -100,35 +99,20 @@ def list_devices(ndi_timeout: float = 1.5) -> list[Device]:
     seconds; 0 skips discovery), for the ``devices`` command."""
     devices = list_cameras() + list_screens() + list_virtual_cameras()
     if ndi_timeout > 0:
-        from .ndi import list_ndi_sources
-
-        devices += list_ndi_sources(ndi_timeout)
+        devices += ndi.list_ndi_sources(ndi_timeout)
     return devices
 
 
 def _scheme(url: str, registry: dict, forms: str, what: str) -> str:
     """The registry key for ``url``; bare paths are files, ``/dev/video*`` is v4l2."""
-    _import_plugins()
     if url.startswith("/dev/video"):
         return "v4l2"
     match = _SCHEME.match(url)
     if match and match.group(1).lower() in registry:
         return match.group(1).lower()
     if match and url[match.end() :].startswith(":"):
-        reasons = "".join(f"\n  ({m}: {e})" for m, e in (_plugin_errors or {}).items())
-        raise MediaError(f"unknown {what} {url!r}; accepted forms:\n{forms}{reasons}")
+        raise MediaError(f"unknown {what} {url!r}; accepted forms:\n{forms}")
     return "file"
-
-
-def _import_plugins() -> None:
-    global _plugin_errors
-    if _plugin_errors is None:
-        _plugin_errors = {}
-        for module in _PLUGINS:
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                _plugin_errors[module.rpartition(".")[2]] = str(e)
 
 
 def _split(url: str) -> tuple[str, dict[str, str]]:

@@ -18,17 +18,10 @@ import pyvirtualcam
 from pyvirtualcam.camera import BACKENDS
 
 from .base import MediaError, Sink
-from .sources import Device, frame_rate
+from .h264 import add_h264_stream
+from .sources import Device
 
 log = logging.getLogger(__name__)
-
-
-def _check(image: np.ndarray, sink: Sink) -> None:
-    if image.shape != (sink.height, sink.width, 3) or image.dtype != np.uint8:
-        raise ValueError(
-            f"{sink.kind} sink expects ({sink.height}, {sink.width}, 3) uint8 RGB, "
-            f"got {image.shape} {image.dtype}"
-        )
 
 
 class NullSink(Sink):
@@ -41,7 +34,7 @@ class NullSink(Sink):
         self.frames = 0
 
     def send(self, image: np.ndarray) -> None:
-        _check(image, self)
+        self.check(image)
         self.frames += 1
 
 
@@ -102,15 +95,11 @@ class VirtualCameraSink(Sink):
         self.backend, self.device = self._camera.backend, self._camera.device
 
     def send(self, image: np.ndarray) -> None:
-        _check(image, self)
+        self.check(image)
         self._camera.send(image)
 
     def close(self) -> None:
         self._camera.close()
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return any(device.available for device in list_virtual_cameras())
 
 
 def list_virtual_cameras(width: int = 640, height: int = 480, fps: float = 30) -> list[Device]:
@@ -163,22 +152,22 @@ class FileSink(Sink):
         if width % 2 or height % 2:
             raise MediaError(f"H.264 4:2:0 needs an even width and height, got {width}x{height}")
         fmt, options = self.CONTAINERS[suffix]
-        rate = frame_rate(fps)
         try:
             self._container = av.open(
                 str(self.path), "w", format=fmt, options={**options, "flush_packets": "1"}
             )
-            self._stream = self._container.add_stream(
-                codec,
-                rate=rate,
-                options={"preset": preset, "crf": str(crf), "tune": "zerolatency"},
+            self._stream = add_h264_stream(
+                self._container,
+                width=width,
+                height=height,
+                fps=fps,
+                gop=gop or max(1, round(fps)),
+                preset=preset,
+                rate_control={"crf": str(crf)},
+                codec=codec,
             )
         except (av.error.FFmpegError, OSError, ValueError) as e:
             raise MediaError(f"cannot record to {self.path} ({fmt}, {codec}): {e}") from e
-        self._stream.width, self._stream.height = width, height
-        self._stream.pix_fmt = "yuv420p"
-        self._stream.codec_context.gop_size = gop or max(1, round(fps))
-        self._stream.codec_context.time_base = 1 / rate
         # one RGB frame, refilled in place for every send (the encoder converts it to yuv420p)
         self._frame = av.VideoFrame(width, height, "rgb24")
         line = self._frame.planes[0].line_size
@@ -187,7 +176,7 @@ class FileSink(Sink):
         self.frames = 0
 
     def send(self, image: np.ndarray) -> None:
-        _check(image, self)
+        self.check(image)
         self._pixels[...] = image
         self._frame.pts = self.frames
         self._frame.time_base = self._stream.codec_context.time_base

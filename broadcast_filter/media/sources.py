@@ -15,7 +15,6 @@ import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,9 +23,15 @@ import numpy as np
 
 from .base import Frame, MediaError, Source, SourceLost
 from .convert import FitPolicy, FrameConverter
+from .rate import frame_rate
 
-#: live inputs: probe one packet, not seconds of frames that would then arrive stale
-LIVE_PROBE = {"probesize": "32", "analyzeduration": "0"}
+#: Live inputs (capture devices, screens, network streams): probe as little as the demuxer
+#: needs, so the open returns as soon as data flows and no frame is read ahead and arrives
+#: stale. 32 KiB holds what a network stream needs before its parameters are known
+#: (MPEG-TS: the PAT/PMT and the first keyframe's SPS; FLV: the metadata and the sequence
+#: header); a capture device delivers a whole frame per packet, so it stops after the first
+#: packet either way. analyzeduration 0: take the stream parameters from what was probed.
+LIVE_PROBE = {"probesize": "32768", "analyzeduration": "0"}
 
 #: counter bits drawn by the test pattern (wraps after 2**24 frames, 6 days at 30 fps)
 COUNTER_BITS = 24
@@ -96,14 +101,6 @@ def _block(image: np.ndarray) -> int:
     if b < 2:
         raise ValueError(f"image {image.shape[1]}x{image.shape[0]} too small for a frame counter")
     return b
-
-
-def frame_rate(fps: float) -> Fraction:
-    """``fps`` as an exact rate: 29.97 -> 30000/1001 (NTSC family), 25.0 -> 25, else the nearest."""
-    ntsc = round(fps * 1.001)
-    if fps != int(fps) and abs(fps * 1.001 - ntsc) < 1e-3:
-        return Fraction(ntsc * 1000, 1001)
-    return Fraction(fps).limit_denominator(1001)
 
 
 def _open_input(spec: InputSpec, what: str, hint: str) -> av.container.InputContainer:

@@ -1,0 +1,42 @@
+"""The one H.264 encoder setup, shared by the file recorder and the network egress process.
+
+libx264 (or another H.264 encoder by name) with ``tune=zerolatency`` (no lookahead, no
+B-frames: a frame leaves the encoder as soon as it is encoded), yuv420p (what every player
+and OBS decodes), a keyframe every ``gop`` frames and the exact frame rate of
+:func:`~broadcast_filter.media.rate.frame_rate` as both the stream rate and the codec time base.
+Rate control is the caller's: a CRF for a recording, a capped bitrate for live ingest.
+"""
+
+from __future__ import annotations
+
+import av
+
+from broadcast_filter.media.rate import frame_rate
+
+
+def add_h264_stream(
+    container: av.container.OutputContainer,
+    *,
+    width: int,
+    height: int,
+    fps: float,
+    gop: int,
+    preset: str,
+    rate_control: dict[str, str],
+    codec: str = "libx264",
+) -> av.VideoStream:
+    """Add the video stream to ``container``; ``rate_control`` are extra encoder options."""
+    rate = frame_rate(fps)
+    options = {"preset": preset, "tune": "zerolatency", "g": str(gop), **rate_control}
+    stream = container.add_stream(codec, rate=rate, options=options)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuv420p"
+    stream.codec_context.gop_size = gop
+    stream.codec_context.time_base = 1 / rate
+    return stream
+
+
+def live_bitrate(bitrate: int) -> dict[str, str]:
+    """Constant-ish bitrate for live ingest: ``bitrate`` is also the max rate and a
+    one-second VBV buffer (what streaming services ask for)."""
+    return {"b": str(bitrate), "maxrate": str(bitrate), "bufsize": str(bitrate)}

@@ -1,0 +1,102 @@
+"""The pipe wire format between the daemon and an ingest/egress process.
+
+Every message is a fixed header (:data:`HEADER`: kind, a, b, time, n) then a payload:
+
+* a frame: ``(FRAME, height, width, captured_at, index)`` + ``height * width * 3`` RGB bytes;
+* a state: ``(STATE, code, len(text), time, 0)`` + UTF-8 text (``code``: CONNECTING, LIVE, LOST);
+* the settings: ``(SPEC, 0, len, 0, 0)`` + JSON, sent once on stdin (never on argv, where
+  ``ps`` would show stream keys);
+* a drop count: ``(DROPS, count, 0, 0, 0)``, no payload (frames the process had to drop).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+HEADER = struct.Struct("<IIIdQ")
+FRAME, STATE, SPEC, DROPS = 1, 2, 3, 4
+
+#: state codes an I/O process reports
+CONNECTING, LIVE, LOST = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Message:
+    """One decoded message; ``payload`` is an ``(a, b, 3)`` image for a frame, else bytes."""
+
+    kind: int
+    a: int
+    b: int
+    t: float
+    n: int
+    payload: bytes | np.ndarray
+
+    @property
+    def text(self) -> str:
+        assert isinstance(self.payload, bytes)
+        return self.payload.decode("utf-8", "replace")
+
+
+def write_frame(out: BinaryIO, image: np.ndarray, captured_at: float, index: int) -> None:
+    height, width = image.shape[:2]
+    out.write(HEADER.pack(FRAME, height, width, captured_at, index))
+    out.write(memoryview(np.ascontiguousarray(image)).cast("B"))
+    out.flush()
+
+
+def write_text(out: BinaryIO, kind: int, code: int, text: str, t: float = 0.0) -> None:
+    data = text.encode("utf-8")
+    out.write(HEADER.pack(kind, code, len(data), t, 0))
+    out.write(data)
+    out.flush()
+
+
+def write_drops(out: BinaryIO, count: int) -> None:
+    out.write(HEADER.pack(DROPS, count, 0, 0.0, 0))
+    out.flush()
+
+
+def write_spec(out: BinaryIO, spec: dict[str, object]) -> None:
+    write_text(out, SPEC, 0, json.dumps(spec))
+
+
+def read_spec(inp: BinaryIO) -> dict[str, object]:
+    message = read_message(inp)
+    if message is None or message.kind != SPEC:
+        raise SystemExit("expected a settings message on stdin")
+    return json.loads(message.text)
+
+
+def read_message(inp: BinaryIO) -> Message | None:
+    """Read one message; ``None`` at end of stream (also in the middle of a message)."""
+    header = _read_exact(inp, HEADER.size)
+    if header is None:
+        return None
+    kind, a, b, t, n = HEADER.unpack(header)
+    if kind == FRAME:
+        image = np.empty((a, b, 3), np.uint8)
+        if not _read_into(inp, memoryview(image).cast("B")):
+            return None
+        return Message(kind, a, b, t, n, image)
+    payload = _read_exact(inp, 0 if kind == DROPS else b)
+    return None if payload is None else Message(kind, a, b, t, n, payload)
+
+
+def _read_exact(inp: BinaryIO, size: int) -> bytes | None:
+    buf = bytearray(size)
+    return bytes(buf) if _read_into(inp, memoryview(buf)) else None
+
+
+def _read_into(inp: BinaryIO, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        n = inp.readinto(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
