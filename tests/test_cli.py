@@ -20,6 +20,7 @@ from broadcast_filter.media.open import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
+DEFAULT = ROOT / "configs" / "default.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +150,10 @@ def test_usage_errors_exit_2(tmp_path, capsys, monkeypatch):
 
 
 def test_an_unknown_start_preset_exits_2_listing_the_known_ones(tmp_path, cli_env):
-    result = cli("run", "--config", str(DEMO), "--preset", "sepia", cwd=tmp_path, env=cli_env)
+    result = cli("run", "--config", str(DEMO), "--preset", "anime", cwd=tmp_path, env=cli_env)
     assert result.returncode == 2
-    assert "--preset sepia: no such preset (known in " in result.stderr
-    assert "anime, cyberpunk" in result.stderr
+    assert "--preset anime: no such preset (known in " in result.stderr
+    assert "blue_night, neon_edges" in result.stderr
 
 
 @pytest.mark.slow
@@ -174,7 +175,7 @@ def test_a_source_that_cannot_open_is_a_runtime_failure_exit_1(tmp_path, cli_env
 
 
 def test_presets_validate_and_list(tmp_path, capsys):
-    assert main(["presets", "validate", "--config", str(DEMO)]) == 0
+    assert main(["presets", "validate", "--config", str(DEFAULT)]) == 0
     assert "anime.yaml: ok (style)" in capsys.readouterr().out
     broken = tmp_path / "broken.yaml"
     broken.write_text("prompt: x\ncfg_type: half\n")
@@ -182,7 +183,7 @@ def test_presets_validate_and_list(tmp_path, capsys):
     assert f"{broken}:2: cfg_type: expected one of none, self, initialize, full, got 'half'" in (
         capsys.readouterr().out
     )
-    assert main(["presets", "list", "--config", str(DEMO)]) == 0
+    assert main(["presets", "list", "--config", str(DEFAULT)]) == 0
     listing = capsys.readouterr().out
     assert " * anime" in listing and "passthrough (engine bypassed)" in listing
     assert "[needs reload: model Lykon/dreamshaper-8]" in listing
@@ -208,4 +209,4 @@ def test_devices_and_doctor_print_actionable_lines(capsys):
     out = capsys.readouterr().out
     assert "ok    torch " in out
     assert "accelerator" in out and "virtual camera" in out
-    assert "model tiny: offline model" in out
+    assert "model demo: offline model" in out

@@ -59,9 +59,9 @@ def test_shipped_daemon_configs_load():
     assert default.model.id == "stabilityai/sd-turbo" and default.model.taesd == "madebyollin/taesd"
     assert default.source.url == "device:0" and [s.url for s in default.sinks] == ["vcam"]
     demo = load_config(CONFIGS / "demo.yaml")
-    assert (demo.model.id, demo.source.url, demo.resolution) == ("tiny", "testsrc", (128, 128))
+    assert (demo.model.id, demo.source.url, demo.resolution) == ("demo", "testsrc", (128, 128))
     assert [s.url for s in demo.sinks] == ["demo.mp4"]
-    assert demo.presets_folder == (CONFIGS / "presets").resolve()
+    assert demo.presets_folder == (CONFIGS / "demo_presets").resolve()
     assert demo.presets.start in {p.stem for p in demo.presets_folder.glob("*.yaml")}
 
 

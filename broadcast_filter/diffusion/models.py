@@ -270,13 +270,19 @@ def _load_folder(folder: Path, dtype: torch.dtype, load_vae: bool) -> StableDiff
     _require_files(folder, ["model_index.json", "unet/config.json", "text_encoder/config.json"])
     return _pipeline(
         unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+        vae=_vae_class(folder).from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
         if load_vae
         else None,
         text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         scheduler_config=LCMScheduler.load_config(folder, subfolder="scheduler"),
     )
+
+
+def _vae_class(folder: Path) -> type[AutoencoderKL] | type[AutoencoderTiny]:
+    """The class ``vae/config.json`` names: a KL VAE, or a tiny autoencoder (the demo model)."""
+    config = AutoencoderKL.load_config(folder, subfolder="vae")
+    return AutoencoderTiny if config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
 
 
 def _require_files(folder: Path, names: list[str]) -> None:

@@ -1,11 +1,14 @@
-"""Offline models: Stable Diffusion architectures with seeded random weights, built from configs.
+"""Offline models: Stable Diffusion architectures that need no download.
 
-No weights can be downloaded in tests or the offline demo, so these stand in for real
-checkpoints. Compute cost does not depend on weight values, so throughput measured with the
-``*-arch`` models is honest. Each model is written ONCE as an ordinary diffusers folder
-(``model_index.json`` + ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``, plus
-the tiny autoencoder in ``taesd``) and then loaded through the same code path as any local
-folder (:func:`broadcast_filter.diffusion.models.load_models`).
+``demo`` is a small latent diffusion model trained on this machine's CPU by
+``scripts/train_tiny.py`` on procedural images and five style filters
+(:mod:`broadcast_filter.diffusion.demo_styles`); its diffusers folder ships inside the package.
+The others have seeded random weights, built from configs on first use: ``tiny`` (toy sizes,
+for tests) and ``sd-turbo-arch`` (sd-turbo's real architecture; compute cost does not depend
+on weight values, so throughput measured with it is honest). Every model is an ordinary
+diffusers folder (``model_index.json`` + ``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+``scheduler``, plus the tiny autoencoder in ``taesd``) loaded through the same code path as any
+local folder (:func:`broadcast_filter.diffusion.models.load_models`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ from diffusers.schedulers import EulerDiscreteScheduler
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-__all__ = ["OFFLINE_MODELS", "OfflineModel", "default_cache_dir", "ensure_offline_model"]
+__all__ = [
+    "OFFLINE_MODELS",
+    "OfflineModel",
+    "ShippedModel",
+    "default_cache_dir",
+    "ensure_offline_model",
+]
 
 # Bump when a builder or config changes: folders written by another version are rebuilt.
 BUILD_VERSION = 1
@@ -46,6 +55,14 @@ SD_SCHEDULER = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
     "steps_offset": 1,
+}
+
+# The LCM scheduler of ``tiny`` and of the trained ``demo`` (scripts/train_tiny.py).
+DEMO_SCHEDULER = {
+    **SD_SCHEDULER,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
 }
 
 TINY_UNET = {
@@ -154,19 +171,26 @@ class OfflineModel:
     save_dtype: torch.dtype = torch.float32
 
 
-OFFLINE_MODELS: dict[str, OfflineModel] = {
+@dataclass(frozen=True)
+class ShippedModel:
+    """A trained model whose diffusers folder ships inside the package."""
+
+    folder: Path
+
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+OFFLINE_MODELS: dict[str, OfflineModel | ShippedModel] = {
+    # Trained here (scripts/train_tiny.py): knows the five prompts of demo_styles.STYLES.
+    "demo": ShippedModel(WEIGHTS_DIR / "demo"),
+    # Random weights, toy sizes: fast, for tests of the pipeline's arithmetic.
     "tiny": OfflineModel(
         unet=TINY_UNET,
         vae=TINY_VAE,
         taesd=TINY_TAESD,
         text_encoder=TINY_TEXT,
         scheduler_class=LCMScheduler,
-        scheduler={
-            **SD_SCHEDULER,
-            "timestep_spacing": "leading",
-            "clip_sample": False,
-            "set_alpha_to_one": False,
-        },
+        scheduler=DEMO_SCHEDULER,
     ),
     # Real size (~1.3 B parameters); weights stored in fp16 like the published variant.
     "sd-turbo-arch": OfflineModel(
@@ -193,11 +217,19 @@ def ensure_offline_model(
 ) -> Path:
     """Return the diffusers folder of offline model ``name``, building it on first use.
 
-    The folder is ``<cache_dir>/<name>`` (default :func:`default_cache_dir`). It is written to a
+    A shipped model's folder is returned as it is. A built model's folder is ``<cache_dir>/<name>`` (default :func:`default_cache_dir`). It is written to a
     temporary sibling and renamed into place, so a folder that exists is complete.
     """
     if name not in OFFLINE_MODELS:
         raise KeyError(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
+    spec = OFFLINE_MODELS[name]
+    if isinstance(spec, ShippedModel):
+        if not (spec.folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"offline model {name!r}: {spec.folder} is missing or incomplete "
+                "(reinstall the package, or run scripts/train_tiny.py)"
+            )
+        return spec.folder
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / name
     if _is_current(target):
@@ -205,7 +237,7 @@ def ensure_offline_model(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        _build(OFFLINE_MODELS[name], tmp, name, progress)
+        _build(spec, tmp, name, progress)
         if target.exists():  # stale build from another BUILD_VERSION
             shutil.rmtree(target, ignore_errors=True)
         try:
