@@ -123,7 +123,10 @@ def train_autoencoder(
         sched.step()
         if step % 250 == 0 or step == budget.ae_steps - 1:
             psnr = 10 * math.log10(4 / F.mse_loss(y.clamp(-1, 1), x).item())
-            log(f"autoencoder step {step}: loss {loss.item():.4f}, batch PSNR {psnr:.1f} dB", started)
+            log(
+                f"autoencoder step {step}: loss {loss.item():.4f}, batch PSNR {psnr:.1f} dB",
+                started,
+            )
     return ae.eval().requires_grad_(False)
 
 
@@ -169,7 +172,10 @@ def train_unet(
     budget: Budget,
     started: float,
 ) -> UNet2DConditionModel:
-    """``z_in`` ``(N, 4, h, w)``, ``z_styled`` ``(N, S, 4, h, w)``, ``embeds`` ``(1 + S, 77, D)``."""
+    """Train the UNet.
+
+    ``z_in`` ``(N, 4, h, w)``, ``z_styled`` ``(N, S, 4, h, w)``, ``embeds`` ``(1 + S, 77, D)``.
+    """
     torch.manual_seed(4)
     unet = UNet2DConditionModel(**DEMO_UNET)
     abar = LCMScheduler(**DEMO_SCHEDULER).alphas_cumprod.float()

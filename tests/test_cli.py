@@ -59,7 +59,7 @@ def test_demo_writes_the_frames_asked_for_and_they_are_styled(tmp_path, cli_env)
         [np.abs(o.astype(int) - r.astype(int)).mean() for o, r in zip(frames, raw, strict=True)]
     )
     assert difference > 20  # not the input passed through
-    assert "[anime | styled]" in result.stderr and "latency p50" in result.stderr
+    assert "[neon_edges | styled]" in result.stderr and "latency p50" in result.stderr
     assert "frames out 24 (--frames 24)" in result.stderr
     assert "warm-up" in result.stderr  # the progress bar
 
@@ -78,7 +78,7 @@ def start_running(cwd: Path, env: dict[str, str], *outputs: str) -> tuple[subpro
     def read() -> None:
         for line in proc.stderr:
             lines.append(line)
-            if "[anime | styled]" in line:
+            if "[neon_edges | styled]" in line:
                 running.set()
 
     threading.Thread(target=read, daemon=True).start()

@@ -50,7 +50,7 @@ def _lavfi_source(kind: str, rng: np.random.Generator, size: int) -> tuple[str, 
         )
     if kind == "life":
         cells = int(rng.choice([16, 32]))
-        colour = "#%06x" % int(rng.integers(0, 2**24))
+        colour = f"#{int(rng.integers(0, 2**24)):06x}"
         return (
             f"life=size={cells}x{cells}:rate=25:seed={seed}:ratio={rng.uniform(0.2, 0.6):.2f}"
             f":mold=10:life_color={colour}:death_color=#101010:mold_color=#205030",
@@ -61,9 +61,10 @@ def _lavfi_source(kind: str, rng: np.random.Generator, size: int) -> tuple[str, 
         rule = int(rng.choice([18, 30, 45, 73, 90, 105, 110, 150]))
         return f"cellauto=size={cells}x{cells}:rate=25:rule={rule}:random_seed={seed}", 4
     if kind == "gradients":
+        shape = rng.choice(["linear", "radial", "circular", "spiral"])
         return (
             f"gradients=size={size}x{size}:rate=25:seed={seed}:nb_colors={rng.integers(2, 8)}"
-            f":speed={rng.uniform(0.01, 0.05):.3f}:type={rng.choice(['linear', 'radial', 'circular', 'spiral'])}",
+            f":speed={rng.uniform(0.01, 0.05):.3f}:type={shape}",
             9,
         )
     raise ValueError(f"unknown lavfi kind {kind!r}")
@@ -103,7 +104,9 @@ def _gratings(rng: np.random.Generator, size: int) -> np.ndarray:
     waves = int(rng.integers(2, 4))
     for _ in range(waves):
         angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(1, 8), rng.uniform(0, 2 * np.pi)
-        wave = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+        wave = 0.5 + 0.5 * np.sin(
+            2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase
+        )
         image += wave[..., None] * rng.random(3, dtype=np.float32)
     return np.clip(image / waves * 1.5, 0, 1)
 

@@ -217,7 +217,8 @@ def ensure_offline_model(
 ) -> Path:
     """Return the diffusers folder of offline model ``name``, building it on first use.
 
-    A shipped model's folder is returned as it is. A built model's folder is ``<cache_dir>/<name>`` (default :func:`default_cache_dir`). It is written to a
+    A shipped model's folder is returned as it is. A built model's folder is
+    ``<cache_dir>/<name>`` (default :func:`default_cache_dir`). It is written to a
     temporary sibling and renamed into place, so a folder that exists is complete.
     """
     if name not in OFFLINE_MODELS:
