@@ -21,8 +21,8 @@ from broadcast_filter.media.base import Frame
 from broadcast_filter.runtime.controller import Controller
 from broadcast_filter.runtime.engine import Engine, load_engine, stream_config
 from broadcast_filter.runtime.pacing import PaceState, pace
-from broadcast_filter.runtime.slots import LatestSlot
 from broadcast_filter.runtime.telemetry import RateMeter, Ring, StatusLine, Telemetry, format_status
+from broadcast_filter.slot import LatestSlot
 
 SIZE = 64
 

@@ -38,9 +38,9 @@ from broadcast_filter.media.base import Frame, Sink, Source, SourceLost
 from broadcast_filter.runtime.controller import Controller, Output
 from broadcast_filter.runtime.pacing import PaceState, pace
 from broadcast_filter.runtime.slate import blend, fit_image, no_signal_slate
-from broadcast_filter.runtime.slots import LatestSlot
 from broadcast_filter.runtime.telemetry import StatusLine, Telemetry, format_status
 from broadcast_filter.runtime.watchdog import Watchdog, classify, retry_delay
+from broadcast_filter.slot import LatestSlot
 
 STOP_BUDGET_S = 1.5  # joins and closes must fit in the 2 s promised for SIGINT
 PRESET_POLL_S = 0.5
