@@ -22,7 +22,6 @@ from broadcast_filter.runtime.watchdog import (
     engine_finished,
     engine_started,
     on_air,
-    retry_delay,
 )
 
 POLICY = SafetySettings(stall_s=0.5, restart_after=3, recover_after=2, fade_s=1.0, hold_s=2.0)
@@ -85,10 +84,6 @@ def test_out_of_memory_and_nan_are_told_apart_from_other_errors():
     assert classify(MemoryError()) == "engine out of memory"
     assert classify(EngineError("model produced non-finite values (NaN/inf)")).endswith("NaN/inf")
     assert classify(ValueError("x")) == "engine error: ValueError"
-
-
-def test_sink_retry_backoff_doubles_up_to_the_cap():
-    assert [retry_delay(a, 0.5, 3.0) for a in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
 
 
 def test_slate_says_no_signal_and_images_scale_and_blend():

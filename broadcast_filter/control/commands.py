@@ -23,6 +23,10 @@ class Commands(Protocol):
     def set_param(self, name: str, value: Any) -> None:
         """Change one live parameter (e.g. ``guidance_scale``); raise ``ValueError`` if invalid."""
 
+    def prepare_preset(self, name: str) -> None:
+        """Warm the named preset before it goes on air (its prompt is encoded ahead of the
+        cut); nothing on air changes. Raise ``KeyError`` for an unknown name."""
+
     def preset_names(self) -> list[str]:
         """The presets the daemon knows, in list order."""
 

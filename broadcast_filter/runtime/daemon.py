@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broadcast_filter.backoff import backoff_delay
 from broadcast_filter.control.config import (
     ConfigError,
     DaemonConfig,
@@ -39,7 +40,7 @@ from broadcast_filter.runtime.controller import Controller, Output
 from broadcast_filter.runtime.pacing import PaceState, pace
 from broadcast_filter.runtime.slate import blend, fit_image, no_signal_slate
 from broadcast_filter.runtime.telemetry import StatusLine, Telemetry, format_status
-from broadcast_filter.runtime.watchdog import Watchdog, classify, retry_delay
+from broadcast_filter.runtime.watchdog import Watchdog, classify
 from broadcast_filter.slot import LatestSlot
 
 STOP_BUDGET_S = 1.5  # joins and closes must fit in the 2 s promised for SIGINT
@@ -358,7 +359,7 @@ class Daemon:
                 sink = self._reopen(name)
             except Exception as exc:  # still failing: wait longer, report
                 s = self.safety
-                delay = retry_delay(attempt + 1, s.sink_retry_s, s.sink_retry_max_s)
+                delay = backoff_delay(attempt + 1, s.sink_retry_s, s.sink_retry_max_s)
                 self._retry[name] = (attempt + 1, time.monotonic() + delay)
                 self.failed_sinks[name] = str(exc) or repr(exc)
                 self.status.log(f"sink {name}: re-open failed ({exc!r}); next try in {delay:g} s")

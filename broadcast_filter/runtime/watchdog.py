@@ -20,7 +20,6 @@ background while the input passes through); sources and sinks are not touched.
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass, replace
 
@@ -140,11 +139,6 @@ def on_air(
     if pick.kind != state.on_air and not {pick.kind, state.on_air} <= {"engine", "fade"}:
         state = replace(state, switches=state.switches + 1)
     return replace(state, on_air=pick.kind, reason=pick.reason), pick
-
-
-def retry_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff for re-opening a failed sink: ``base * 2**attempt``, capped."""
-    return min(cap, base * math.pow(2.0, max(0, attempt)))
 
 
 class Watchdog:
