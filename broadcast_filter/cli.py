@@ -7,25 +7,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from broadcast_filter import __version__
-from broadcast_filter.control.config import (
-    ConfigError,
-    DaemonConfig,
-    SinkSettings,
-    UsageError,
-    load_config,
-)
+from broadcast_filter.control.config import ConfigError, SinkSettings, UsageError, load_config
+from broadcast_filter.control.obs_cli import add_obs_parser
+from broadcast_filter.control.presets import PresetLibrary, load_preset
 from broadcast_filter.media.base import MediaError
-
-if TYPE_CHECKING:
-    from broadcast_filter.control.obs_bridge import ObsBridge
-    from broadcast_filter.runtime.daemon import Daemon
+from broadcast_filter.runtime.doctor import run_checks
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -67,44 +58,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--frames must be at least 1")
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration must be positive")
-    from broadcast_filter.runtime.daemon import Limits, build_daemon  # imports torch: after checks
-    from broadcast_filter.runtime.telemetry import StatusLine
+    from broadcast_filter.runtime.build import run_daemon  # imports torch: after the checks
+    from broadcast_filter.runtime.daemon import Limits
 
-    status = StatusLine(sys.stderr)
-    daemon = build_daemon(
-        config,
-        preset=args.preset,
-        limits=Limits(frames=args.frames, duration=args.duration),
-        status=status,
-    )
-    bridge = start_obs_bridge(config, daemon)
-    try:
-        return daemon.run()
-    finally:
-        if bridge is not None:
-            bridge.stop(timeout=0.5)
-
-
-def start_obs_bridge(config: DaemonConfig, daemon: Daemon) -> ObsBridge | None:
-    """When the config has an ``obs:`` section (checked on load), start the OBS bridge on
-    the daemon's controller and show its state on the status line (``obs connected``).
-    The caller stops it (``bridge.stop()``) when the daemon has stopped."""
-    if config.obs is None:
-        return None
-    from broadcast_filter.control.obs_bridge import ObsBridge, ObsSettings
-
-    settings = ObsSettings.from_mapping(config.obs, str(config.path))
-    bridge = ObsBridge(settings, daemon.controller)
-    daemon.status_fields["obs"] = lambda: bridge.state
-    return bridge.start()
+    limits = Limits(frames=args.frames, duration=args.duration)
+    return run_daemon(config, preset=args.preset, limits=limits)
 
 
 # ----------------------------------------------------------------------------- presets
 
 
 def cmd_presets_list(args: argparse.Namespace) -> int:
-    from broadcast_filter.control.presets import PresetLibrary
-
     config = load_config(_config_path(args))
     library = PresetLibrary(config.presets_folder)
     library.scan()
@@ -117,7 +81,7 @@ def cmd_presets_list(args: argparse.Namespace) -> int:
         else:
             what = f"t_index {list(p.t_index_list)} cfg {p.cfg_type} g {p.guidance_scale:g}"
             what += f" ssf {'on' if p.ssf.enabled else 'off'}"
-        reload = f"  [needs reload: model {p.model_settings(config.model).id}]" if p.model else ""
+        reload = f"  [needs reload: model {p.model_spec(config.model).id}]" if p.model else ""
         print(f" {start} {name:<16} {what}{reload}")
         if p.description:
             print(f"    {p.description}")
@@ -127,8 +91,6 @@ def cmd_presets_list(args: argparse.Namespace) -> int:
 
 
 def cmd_presets_validate(args: argparse.Namespace) -> int:
-    from broadcast_filter.control.presets import load_preset
-
     files = list(args.files)
     if not files:
         folder = load_config(_config_path(args)).presets_folder
@@ -181,8 +143,6 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from broadcast_filter.runtime.doctor import run_checks
-
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     return run_checks(load_config(path) if path else None)
 
@@ -241,12 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     doctor.set_defaults(func=cmd_doctor)
 
-    try:
-        add_obs_parser = importlib.import_module("broadcast_filter.control.obs_cli").add_obs_parser
-    except ImportError:
-        pass  # OBS support not installed: no obs subcommand
-    else:
-        add_obs_parser(sub)
+    add_obs_parser(sub)
     return parser
 
 

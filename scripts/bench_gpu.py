@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from broadcast_filter.diffusion.accel import Acceleration, accelerate, warm_up
-from broadcast_filter.diffusion.models import ModelSpec, load_models
+from broadcast_filter.diffusion.accel import accelerate, warm_up
+from broadcast_filter.diffusion.models import load_models
 from broadcast_filter.diffusion.offline import ensure_offline_model
+from broadcast_filter.diffusion.spec import Acceleration, ModelSpec
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
 from broadcast_filter.runtime.frames import FrameTransfer
 
@@ -112,7 +113,7 @@ class Bench:
 
     def load(self, v: Variant):
         spec = ModelSpec(
-            model=str(self.folder),
+            id=str(self.folder),
             taesd=str(self.folder / "taesd") if v.taesd else None,
             device=self.args.device,
             dtype=v.dtype,

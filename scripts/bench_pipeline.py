@@ -28,7 +28,8 @@ import torch
 from diffusers import AutoencoderTiny, AutoPipelineForImage2Image, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
-from broadcast_filter.diffusion.models import ModelBundle, ModelSpec, load_models
+from broadcast_filter.diffusion.models import ModelBundle, load_models
+from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
 
 PROMPT = "an oil painting of a face, warm light"
@@ -114,7 +115,7 @@ def measure(variants: dict[str, Callable], image: torch.Tensor, rounds: int) -> 
 
 
 def bench_model(model: str, size: int, rounds: int, device: str, taesd: str | None) -> dict:
-    models = load_models(ModelSpec(model=model, taesd=taesd, device=device), progress=True)
+    models = load_models(ModelSpec(id=model, taesd=taesd, device=device), progress=True)
     levels = (32, 45)
     image = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
     image = image.to(models.device, models.dtype)

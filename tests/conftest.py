@@ -33,15 +33,17 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tiny_models(model_cache: str):
     """The offline ``tiny`` model (full VAE), loaded through the normal loader."""
-    from broadcast_filter.diffusion.models import ModelSpec, load_models
+    from broadcast_filter.diffusion.models import load_models
+    from broadcast_filter.diffusion.spec import ModelSpec
 
-    return load_models(ModelSpec(model="tiny", device="cpu", cache_dir=model_cache), progress=False)
+    return load_models(ModelSpec(id="tiny", device="cpu", cache_dir=model_cache), progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_models_taesd(model_cache: str):
     """The offline ``tiny`` model with its tiny autoencoder (deterministic encode)."""
-    from broadcast_filter.diffusion.models import ModelSpec, load_models
+    from broadcast_filter.diffusion.models import load_models
+    from broadcast_filter.diffusion.spec import ModelSpec
 
-    spec = ModelSpec(model="tiny", taesd="tiny", device="cpu", cache_dir=model_cache)
+    spec = ModelSpec(id="tiny", taesd="tiny", device="cpu", cache_dir=model_cache)
     return load_models(spec, progress=False)

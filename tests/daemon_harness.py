@@ -20,11 +20,11 @@ import numpy as np
 import peers
 import yaml
 
-from broadcast_filter.cli import start_obs_bridge
 from broadcast_filter.control.config import load_config
 from broadcast_filter.media.base import Sink, register_sink
 from broadcast_filter.media.sources import read_counter
-from broadcast_filter.runtime.daemon import Daemon, build_daemon
+from broadcast_filter.runtime.build import build_daemon, start_obs_bridge
+from broadcast_filter.runtime.daemon import Daemon
 from broadcast_filter.runtime.telemetry import StatusLine
 
 RECORD = "bf-record"
@@ -148,9 +148,7 @@ def running(config_path: Path) -> Iterator[tuple[Daemon, Any, Lines]]:
         yield daemon, bridge, lines
     finally:
         daemon.request_stop("test over")
-        thread.join(15)
-        if bridge is not None:
-            bridge.stop(timeout=5)
+        thread.join(15)  # the daemon's stop stops the bridge too
         assert not thread.is_alive(), "the daemon did not stop"
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from broadcast_filter.diffusion.accel import Acceleration, accelerate, warm_up
-from broadcast_filter.diffusion.models import ModelSpec, load_models
+from broadcast_filter.diffusion.accel import accelerate, warm_up
+from broadcast_filter.diffusion.models import load_models
+from broadcast_filter.diffusion.spec import Acceleration, ModelSpec
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
 
 
@@ -20,7 +21,7 @@ def outputs(models, count: int = 4) -> list[torch.Tensor]:
 @pytest.fixture
 def fresh_tiny(model_cache):
     """A private copy: acceleration changes modules in place."""
-    return lambda: load_models(ModelSpec(model="tiny", cache_dir=model_cache), progress=False)
+    return lambda: load_models(ModelSpec(id="tiny", cache_dir=model_cache), progress=False)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import threading
 import pytest
 from test_engine import SIZE, moving_frames
 
-from broadcast_filter.control.config import ModelSettings
 from broadcast_filter.control.presets import PresetLibrary
+from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.media.base import Frame
 from broadcast_filter.runtime.controller import Controller
 from broadcast_filter.runtime.engine import load_engine
@@ -17,8 +17,8 @@ from broadcast_filter.runtime.telemetry import Telemetry
 
 
 @pytest.fixture
-def base_model(model_cache) -> ModelSettings:
-    return ModelSettings(id="tiny", taesd="tiny", device="cpu", cache_dir=model_cache)
+def base_model(model_cache) -> ModelSpec:
+    return ModelSpec(id="tiny", taesd="tiny", device="cpu", cache_dir=model_cache)
 
 
 def write(folder, name: str, text: str) -> None:
@@ -61,7 +61,7 @@ def test_controller_styles_passes_through_and_bypasses_at_frame_boundaries(libra
     c.apply_preset("passthrough")
     f = frame(1)
     out = c.process(f, 1.0)
-    assert out.kind == "pass" and out.image is f.image and c.mode == "passthrough"
+    assert out.kind == "pass" and out.image is None and c.mode == "passthrough"
     assert c.step_preset(-1) == "other" and c.step_preset(-1) == "b"
     out = c.process(frame(2), 2.0)
     assert out.kind == "model" and c.active.name == "b" and c.mode == "crossfade"
@@ -132,7 +132,7 @@ def test_preset_on_another_model_passes_frames_through_while_it_loads(library, b
             break
         threading.Event().wait(0.05)
     assert out.kind == "model" and c.mode in ("styled", "crossfade")
-    assert c.engine.settings.taesd is None
+    assert c.engine.spec.taesd is None
 
 
 def test_a_model_that_fails_to_load_is_reported_and_the_previous_preset_returns(
@@ -169,7 +169,8 @@ def test_engine_failure_passes_frames_through_and_says_so(library, base_model):
     )()
     f = frame(0)
     out = c.process(f, 0.0)
-    assert out.kind == "pass" and out.image is f.image and c.mode == "engine error (passthrough)"
+    assert out.kind == "pass" and out.image is None and c.mode == "engine error (passthrough)"
+    assert out.fault == "engine out of memory"  # the result carries its classified fault
     assert any("CUDA out of memory" in line for line in logs)
     c.engine.pipe = real
     assert c.process(frame(1), 1.0).kind == "model" and "model recovered" in logs

@@ -15,8 +15,8 @@ import av
 import numpy as np
 import pytest
 
-from broadcast_filter.control.config import ModelSettings
 from broadcast_filter.control.presets import Preset, PresetLibrary
+from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.media.base import Frame, Sink, Source, SourceLost
 from broadcast_filter.media.open import open_sink, open_source
 from broadcast_filter.runtime.controller import Controller
@@ -25,7 +25,7 @@ from broadcast_filter.runtime.telemetry import StatusLine, Telemetry
 
 SIZE = 64
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
-BASE = ModelSettings(id="slow")
+BASE = ModelSpec(id="slow")
 
 
 class SlowEngine:
@@ -36,7 +36,7 @@ class SlowEngine:
     fading = False
 
     def __init__(self, cost: float) -> None:
-        self.cost, self.settings, self.calls = cost, BASE, 0
+        self.cost, self.spec, self.calls = cost, BASE, 0
 
     def switch(self, preset: Preset, now: float) -> None:
         pass
@@ -246,7 +246,7 @@ def test_a_preset_edited_on_disk_reloads_while_running_and_a_broken_edit_is_repo
 
 
 def test_a_daemon_config_changed_on_disk_says_it_needs_a_restart(tmp_path):
-    from broadcast_filter.runtime.daemon import config_watch
+    from broadcast_filter.runtime.build import config_watch
 
     path = tmp_path / "daemon.yaml"
     path.write_text("fps: 30\n")

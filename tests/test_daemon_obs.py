@@ -23,7 +23,7 @@ import pytest
 from daemon_harness import RecordingSink, running, wait_for, window_counts, write_config
 from obs_fixtures import CONTROLS, HOTKEY_ITEMS, SCENE_PRESETS, STATUS
 
-from broadcast_filter.control.obs_bridge import ObsSettings
+from broadcast_filter.control.obs_settings import ObsSettings
 from broadcast_filter.control.obs_setup import output_settings
 from broadcast_filter.media.sources import read_counter
 

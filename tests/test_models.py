@@ -32,7 +32,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from broadcast_filter.diffusion.models import (
     ModelBundle,
     ModelNotFoundError,
-    ModelSpec,
     load_models,
     resolve_device_dtype,
 )
@@ -41,6 +40,7 @@ from broadcast_filter.diffusion.offline import (
     default_cache_dir,
     ensure_offline_model,
 )
+from broadcast_filter.diffusion.spec import ModelSpec
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "v_proj"]
@@ -58,7 +58,7 @@ def tiny(cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle(cache: Path, tiny: Path) -> ModelBundle:
-    return load_models(ModelSpec(model="tiny", cache_dir=str(cache)), progress=False)
+    return load_models(ModelSpec(id="tiny", cache_dir=str(cache)), progress=False)
 
 
 def assert_same_weights(actual: torch.nn.Module | dict, expected: torch.nn.Module | dict) -> None:
@@ -91,7 +91,7 @@ def test_tiny_is_built_once_and_loads_identically(cache: Path, tiny: Path, bundl
     weights = tiny / "unet" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime_ns
     assert ensure_offline_model("tiny", cache) == tiny
-    again = load_models(ModelSpec(model="tiny", cache_dir=str(cache)), progress=False)
+    again = load_models(ModelSpec(id="tiny", cache_dir=str(cache)), progress=False)
     assert weights.stat().st_mtime_ns == before, "the cached model was rebuilt"
     for name in ("unet", "vae", "text_encoder"):
         assert_same_weights(getattr(again, name), getattr(bundle, name))
@@ -213,7 +213,7 @@ def test_resolve_device_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_load_in_bfloat16(cache: Path, bundle: ModelBundle) -> None:
-    half = load_models(ModelSpec(model="tiny", dtype="bfloat16", cache_dir=str(cache)), False)
+    half = load_models(ModelSpec(id="tiny", dtype="bfloat16", cache_dir=str(cache)), False)
     assert half.dtype == torch.bfloat16
     for name in ("unet", "vae", "text_encoder"):
         for key, value in getattr(half, name).state_dict().items():
@@ -283,7 +283,7 @@ def test_lora_is_fused_with_its_scale(
             for key, value in load_file(file).items()
         }
         save_file(layers, file, metadata=metadata)
-    spec = ModelSpec(model="tiny", loras=((str(tmp_path / "style"), 0.5),), cache_dir=str(cache))
+    spec = ModelSpec(id="tiny", loras=((str(tmp_path / "style"), 0.5),), cache_dir=str(cache))
     fused = load_models(spec, progress=False)
     changes = fused_changes(fused, bundle)
     assert changes.keys() == deltas.keys()  # exactly the targets changed, every one of them
@@ -298,7 +298,7 @@ def test_lcm_lora_and_extra_lora_add_up(cache: Path, tiny: Path, bundle, tmp_pat
     extra = make_lora(tiny, tmp_path / "extra", seed=3, rank=2, alpha=1, text=False)
     lcm_file = tmp_path / "lcm" / "pytorch_lora_weights.safetensors"  # a file path works too
     spec = ModelSpec(
-        model="tiny",
+        id="tiny",
         lcm_lora=str(lcm_file),
         loras=((str(tmp_path / "extra"), -1.5),),
         cache_dir=str(cache),
@@ -315,7 +315,7 @@ def test_lcm_lora_and_extra_lora_add_up(cache: Path, tiny: Path, bundle, tmp_pat
 @pytest.mark.parametrize("where", ["name", "folder", "parent"])
 def test_taesd(cache: Path, tiny: Path, where: str) -> None:
     taesd = {"name": "tiny", "folder": str(tiny / "taesd"), "parent": str(tiny)}[where]
-    loaded = load_models(ModelSpec(model="tiny", taesd=taesd, cache_dir=str(cache)), False)
+    loaded = load_models(ModelSpec(id="tiny", taesd=taesd, cache_dir=str(cache)), False)
     assert isinstance(loaded.vae, AutoencoderTiny)
     assert not loaded.vae.training
     assert_same_weights(
@@ -479,7 +479,7 @@ def test_single_file_round_trip(
     # Configs only, no weights: every loaded weight must come from the checkpoint.
     config = tmp_path / "config"
     shutil.copytree(tiny, config, ignore=shutil.ignore_patterns("*.safetensors"))
-    spec = ModelSpec(model=str(path), single_file_config=str(config), cache_dir=str(cache))
+    spec = ModelSpec(id=str(path), single_file_config=str(config), cache_dir=str(cache))
     loaded = load_models(spec, progress=False)
     for name in ("unet", "vae", "text_encoder"):
         assert_same_weights(getattr(loaded, name), getattr(bundle, name))
@@ -507,7 +507,7 @@ def missing(spec: ModelSpec) -> str:
 
 @pytest.mark.usefixtures("offline")
 def test_missing_hub_model(tmp_path: Path) -> None:
-    message = missing(ModelSpec(model="stabilityai/sd-turbo", cache_dir=str(tmp_path)))
+    message = missing(ModelSpec(id="stabilityai/sd-turbo", cache_dir=str(tmp_path)))
     assert "model 'stabilityai/sd-turbo' is not in the Hugging Face cache" in message
     assert str(tmp_path) in message and "HF_HUB_OFFLINE=1" in message
     command = (
@@ -524,7 +524,7 @@ def test_missing_hub_model(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("offline")
 def test_missing_hub_model_with_taesd_skips_the_vae_weights(tiny: Path, tmp_path: Path) -> None:
-    spec = ModelSpec(model="Lykon/dreamshaper-8", taesd=str(tiny), cache_dir=str(tmp_path))
+    spec = ModelSpec(id="Lykon/dreamshaper-8", taesd=str(tiny), cache_dir=str(tmp_path))
     message = missing(spec)
     assert "hf download Lykon/dreamshaper-8 " in message
     assert "vae/config.json" in message and "vae/diffusion_pytorch_model" not in message
@@ -534,27 +534,27 @@ def test_missing_hub_model_with_taesd_skips_the_vae_weights(tiny: Path, tmp_path
     "name", ["./no/such/model.safetensors", "/no/such/folder", "~/no/such.ckpt"]
 )
 def test_missing_local_path(name: str) -> None:
-    message = missing(ModelSpec(model=name))
+    message = missing(ModelSpec(id=name))
     assert f"model {name!r} not found: no such file or folder" in message
     assert str(Path(name).expanduser().absolute()) in message
 
 
 def test_incomplete_local_folder(tmp_path: Path) -> None:
     (tmp_path / "unet").mkdir()
-    message = missing(ModelSpec(model=str(tmp_path)))
+    message = missing(ModelSpec(id=str(tmp_path)))
     assert f"{tmp_path} is not a complete diffusers folder: missing model_index.json" in message
 
 
 @pytest.mark.usefixtures("offline")
 def test_missing_lora_and_taesd(cache: Path, tmp_path: Path) -> None:
     lcm = "latent-consistency/lcm-lora-sdv1-5"
-    message = missing(ModelSpec(model="tiny", lcm_lora=lcm, cache_dir=str(cache)))
+    message = missing(ModelSpec(id="tiny", lcm_lora=lcm, cache_dir=str(cache)))
     assert f"LoRA {lcm!r} is not in the Hugging Face cache at {cache}" in message
     assert f'hf download {lcm} --include "*.safetensors" --cache-dir {cache}' in message
     lora = tmp_path / "style.safetensors"
-    message = missing(ModelSpec(model="tiny", loras=((str(lora), 1.0),), cache_dir=str(cache)))
+    message = missing(ModelSpec(id="tiny", loras=((str(lora), 1.0),), cache_dir=str(cache)))
     assert f"LoRA {str(lora)!r} not found: no such file or folder {lora}" in message
-    message = missing(ModelSpec(model="tiny", taesd="madebyollin/taesd", cache_dir=str(cache)))
+    message = missing(ModelSpec(id="tiny", taesd="madebyollin/taesd", cache_dir=str(cache)))
     assert f"TAESD 'madebyollin/taesd' is not in the Hugging Face cache at {cache}" in message
     assert (
         'hf download madebyollin/taesd --include "config.json" '
@@ -571,7 +571,7 @@ def test_single_file_without_config_offline(
         unet_to_ldm(bundle.unet) | vae_to_ldm(bundle.vae) | clip_to_ldm(bundle.text_encoder)
     )
     save_file({key: value.contiguous() for key, value in checkpoint.items()}, path)
-    message = missing(ModelSpec(model=str(path), cache_dir=str(tmp_path)))
+    message = missing(ModelSpec(id=str(path), cache_dir=str(tmp_path)))
     repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers' guess for SD 1.x keys
     assert (
         f"single-file checkpoint {path} needs the configs of {repo!r}, which are not in the "
@@ -579,10 +579,10 @@ def test_single_file_without_config_offline(
     )
     command = f'hf download {repo} --include "*.json" --include "*.txt" --cache-dir {tmp_path}'
     assert f"Download it with:\n  {command}\nor pass single_file_config=" in message
-    message = missing(ModelSpec(model=str(path), single_file_config="./no/such/config"))
+    message = missing(ModelSpec(id=str(path), single_file_config="./no/such/config"))
     assert "single_file_config './no/such/config' not found: no such folder" in message
     # An offline model's name works as the config too.
-    spec = ModelSpec(model=str(path), single_file_config="tiny", cache_dir=str(cache))
+    spec = ModelSpec(id=str(path), single_file_config="tiny", cache_dir=str(cache))
     assert_same_weights(load_models(spec, progress=False).unet, bundle.unet)
 
 
@@ -599,7 +599,7 @@ def fake_hub_snapshot(cache: Path, repo_id: str, source: Path, skip: str = "") -
 @pytest.mark.usefixtures("offline")
 def test_hub_id_loads_from_the_hub_cache(tiny: Path, bundle: ModelBundle, tmp_path: Path) -> None:
     fake_hub_snapshot(tmp_path, "someone/tiny-sd", tiny)
-    loaded = load_models(ModelSpec(model="someone/tiny-sd", cache_dir=str(tmp_path)), False)
+    loaded = load_models(ModelSpec(id="someone/tiny-sd", cache_dir=str(tmp_path)), False)
     for name in ("unet", "vae", "text_encoder"):
         assert_same_weights(getattr(loaded, name), getattr(bundle, name))
     assert loaded.name == "someone/tiny-sd"
@@ -608,7 +608,7 @@ def test_hub_id_loads_from_the_hub_cache(tiny: Path, bundle: ModelBundle, tmp_pa
 @pytest.mark.usefixtures("offline")
 def test_incomplete_hub_snapshot(tiny: Path, tmp_path: Path) -> None:
     fake_hub_snapshot(tmp_path, "someone/tiny-sd", tiny, skip="model.safetensors")
-    message = missing(ModelSpec(model="someone/tiny-sd", cache_dir=str(tmp_path)))
+    message = missing(ModelSpec(id="someone/tiny-sd", cache_dir=str(tmp_path)))
     assert (
         f"model 'someone/tiny-sd' in the Hugging Face cache at {tmp_path} is incomplete" in message
     )

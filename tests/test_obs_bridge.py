@@ -16,15 +16,12 @@ from typing import Any
 
 import obsws_python
 import pytest
+import yaml
 
-from broadcast_filter.control.obs_bridge import (
-    ObsBridge,
-    ObsConfigError,
-    ObsSettings,
-    format_status,
-    parse_custom_event,
-)
+from broadcast_filter.control.config import ConfigError, load_config
+from broadcast_filter.control.obs_bridge import Call, ObsBridge, format_status, parse_custom_event
 from broadcast_filter.control.obs_cli import add_obs_parser
+from broadcast_filter.control.obs_settings import ObsSettings
 
 SECRET = "hunter2-not-logged"
 
@@ -126,9 +123,17 @@ def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 # --- settings, payloads and status text: no OBS needed --------------------------------------
 
 
-def test_settings_read_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
+def obs_settings(mapping: dict, folder: Any) -> ObsSettings:
+    """``mapping`` as the ``obs:`` section of a daemon config file, parsed as the daemon does."""
+    path = folder / "daemon.yaml"
+    text = yaml.safe_dump({"model": {"id": "tiny"}, "sinks": ["null"], "obs": mapping})
+    path.write_text(text)
+    return load_config(path).obs
+
+
+def test_settings_read_every_field(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("BF_OBS_PW", SECRET)
-    settings = ObsSettings.from_mapping(
+    settings = obs_settings(
         {
             "host": "10.0.0.2",
             "port": 4460,
@@ -142,7 +147,7 @@ def test_settings_read_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
             "output_url": "srt://127.0.0.1:9000?mode=caller",
             "output_format": "",
         },
-        "daemon.yaml",
+        tmp_path,
     )
     assert settings.password == SECRET
     assert (settings.host, settings.port, settings.status_source) == ("10.0.0.2", 4460, None)
@@ -155,38 +160,41 @@ def test_settings_read_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("mapping", "expected"),
     [
-        ({"port": "4455"}, "daemon.yaml: obs.port: expected int"),
-        ({"port": 70000}, "daemon.yaml: obs.port: must be 1..65535"),
-        ({"prot": 4455}, "daemon.yaml: obs.prot: unknown field"),
-        ({"scene_presets": {"Cam": 3}}, "daemon.yaml: obs.scene_presets.Cam: expected str"),
-        ({"status_interval_s": 0}, "daemon.yaml: obs.status_interval_s: must be > 0"),
-        ({"warm_preview": "yes"}, "daemon.yaml: obs.warm_preview: expected bool"),
-        ({"password": SECRET, "password_env": "X"}, "daemon.yaml: obs.password: give either"),
+        ({"port": "4455"}, "obs.port: expected a whole number >= 1 and <= 65535, got '4455'"),
+        ({"port": 70000}, "obs.port: expected a whole number >= 1 and <= 65535, got 70000"),
+        ({"prot": 4455}, "obs.prot: unknown key (allowed: host, port, password,"),
+        ({"scene_presets": {"Cam": 3}}, "obs.scene_presets: expected a mapping of OBS name"),
+        ({"status_interval_s": 0}, "obs.status_interval_s: expected a number > 0, got 0"),
+        ({"warm_preview": "yes"}, "obs.warm_preview: expected true or false, got 'yes'"),
+        ({"password": SECRET, "password_env": "X"}, "obs.password: give either"),
         ({"password_env": "BF_UNSET_VAR"}, "obs.password_env: environment variable BF_UNSET_VAR"),
+        ({"password": [SECRET]}, "obs.password: expected text, got (hidden)"),
     ],
 )
-def test_settings_errors_name_the_field(mapping: dict, expected: str) -> None:
-    with pytest.raises(ObsConfigError) as error:
-        ObsSettings.from_mapping(mapping, "daemon.yaml")
-    assert expected in str(error.value)
+def test_settings_errors_name_the_line_and_field(mapping: dict, expected: str, tmp_path) -> None:
+    with pytest.raises(ConfigError) as error:
+        obs_settings(mapping, tmp_path)
+    assert f"{tmp_path / 'daemon.yaml'}:" in str(error.value) and expected in str(error.value)
     assert SECRET not in str(error.value)
 
 
 def test_custom_event_payloads_parse_to_actions() -> None:
     parse = parse_custom_event
     assert parse({"other_app": {"x": 1}}) is None
-    assert parse({"broadcast_filter": {"preset": "warm"}}) == [("preset", "warm")]
-    assert parse({"broadcast_filter": {"step": -1}}) == [("step", -1)]
-    assert parse({"broadcast_filter": {"bypass": "toggle"}}) == [("bypass", None)]
-    assert parse({"broadcast_filter": {"bypass": False}}) == [("bypass", False)]
+    assert parse({"broadcast_filter": {"preset": "warm"}}) == [Call("apply_preset", ("warm",))]
+    assert parse({"broadcast_filter": {"step": -1}}) == [Call("step_preset", (-1,))]
+    assert parse({"broadcast_filter": {"bypass": "toggle"}}) == [Call("set_bypass", (None,))]
+    assert parse({"broadcast_filter": {"bypass": False}}) == [Call("set_bypass", (False,))]
     assert parse({"broadcast_filter": {"set": {"guidance_scale": 1.4, "delta": 0.5}}}) == [
-        ("set", ("guidance_scale", 1.4)),
-        ("set", ("delta", 0.5)),
+        Call("set_param", ("guidance_scale", 1.4)),
+        Call("set_param", ("delta", 0.5)),
     ]
-    assert parse({"broadcast_filter": {"bypass": True, "preset": "cool"}}) == [
-        ("preset", "cool"),
-        ("bypass", True),
-    ]
+    calls = parse({"broadcast_filter": {"bypass": True, "preset": "cool"}})
+    commands = RecordingCommands()
+    for call in calls:
+        call(commands)  # each parsed call performs itself on any Commands
+    assert [c[1:] for c in commands.calls] == [("apply_preset", ("cool",)), ("set_bypass", (True,))]
+    assert [str(c) for c in calls] == ["apply_preset('cool')", "set_bypass(True)"]
 
 
 @pytest.mark.parametrize(
@@ -239,10 +247,10 @@ def commands() -> RecordingCommands:
 
 
 @pytest.fixture
-def bridge(obs_mapping: dict, obs_client: Any, commands: RecordingCommands) -> Any:
+def bridge(obs_mapping: dict, obs_client: Any, commands: RecordingCommands, tmp_path) -> Any:
     """A connected bridge, started with OBS on Scene A: "warm" applied and shown as status."""
     obs_client.set_current_program_scene("Scene A")
-    instance = ObsBridge(ObsSettings.from_mapping(obs_mapping, "test"), commands).start()
+    instance = ObsBridge(obs_settings(obs_mapping, tmp_path), commands).start()
     wait_until(lambda: instance.state == "connected", 10, "the bridge to connect")
     commands.wait_call("apply_preset", "warm", after=0)
     wait_until(lambda: status_text(obs_client).startswith("warm |"), 5, "the first status text")
@@ -415,6 +423,7 @@ def test_wrong_password_is_a_clear_error_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture,
+    tmp_path: Any,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("BF_TEST_OBS_PASSWORD", SECRET)
@@ -422,7 +431,7 @@ def test_wrong_password_is_a_clear_error_naming_the_setting(
     env = "BF_TEST_OBS_PASSWORD"
     for extra, setting in [({"password": SECRET}, "obs.password"), ({"password_env": env}, env)]:
         commands = RecordingCommands()
-        bridge = ObsBridge(ObsSettings.from_mapping(mapping | extra, "test"), commands).start()
+        bridge = ObsBridge(obs_settings(mapping | extra, tmp_path), commands).start()
         try:
             wait_until(lambda b=bridge: b.state == "auth failed", 5, "state 'auth failed'")
             assert setting in (bridge.error or "") and "refused the password" in bridge.error

@@ -19,10 +19,11 @@ from broadcast_filter.control.presets import (
     RELOAD_FIELDS,
     PresetLibrary,
     load_preset,
-    strength_to_t_index_list,
     with_param,
 )
 from broadcast_filter.control.transitions import Crossfade, crossfade_weight
+from broadcast_filter.diffusion.schedule import strength_to_t_index_list
+from broadcast_filter.diffusion.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -49,7 +50,7 @@ def test_shipped_presets_load_with_ssf_on_and_passthrough_bypassing():
     assert len(styles) >= 4
     assert presets["passthrough"].bypass
     assert all(p.ssf.enabled and p.prompt for p in styles)
-    assert presets["oil_painting"].t_index_list == strength_to_t_index_list(0.4, 2)
+    assert presets["oil_painting"].t_index_list == strength_to_t_index_list(0.4, steps=2)
     needs_reload = [p.name for p in styles if p.model]
     assert needs_reload == ["dreamshaper_lcm"]
 
@@ -67,17 +68,8 @@ def test_shipped_daemon_configs_load():
 
 def test_fields_are_marked_live_or_needing_a_reload():
     assert RELOAD_FIELDS == ("model",)
-    assert {"prompt", "guidance_scale", "t_index_list", "strength", "seed", "ssf"} <= set(
-        LIVE_FIELDS
-    )
-
-
-def test_strength_mapping_matches_the_pipeline():
-    from broadcast_filter.diffusion.stream import strength_to_t_index_list as reference
-
-    for strength in (0.05, 0.2, 0.35, 0.5, 0.77, 1.0):
-        for steps in (1, 2, 3, 4):
-            assert strength_to_t_index_list(strength, steps) == reference(strength, 50, steps)
+    live = {"prompt", "guidance_scale", "delta", "cfg_type", "t_index_list", "strength", "seed"}
+    assert live <= set(LIVE_FIELDS) and not set(RELOAD_FIELDS) & set(LIVE_FIELDS)
 
 
 # --------------------------------------------------------------------------- error messages
@@ -131,12 +123,10 @@ def test_conflicting_and_out_of_range_denoising_fields(tmp_path):
 
 
 def test_a_preset_on_another_model_overrides_only_what_it_names(tmp_path):
-    from broadcast_filter.control.config import ModelSettings
-
     p = load_preset(preset_file(tmp_path, "prompt: x\nmodel:\n  id: some/model\n  taesd: null\n"))
-    base = ModelSettings(id="stabilityai/sd-turbo", taesd="madebyollin/taesd", device="cuda")
+    base = ModelSpec(id="stabilityai/sd-turbo", taesd="madebyollin/taesd", device="cuda")
     assert p.model == {"id": "some/model", "taesd": None}
-    assert p.model_settings(base) == ModelSettings(id="some/model", taesd=None, device="cuda")
+    assert p.model_spec(base) == ModelSpec(id="some/model", taesd=None, device="cuda")
     bad = error_of(preset_file(tmp_path, "prompt: x\nmodel:\n  dtype: fp8\n", "bad"))
     assert ":3: model.dtype: expected one of auto, float16, bfloat16, float32, got 'fp8'" in bad
 
@@ -155,14 +145,18 @@ def test_daemon_config_errors_name_file_and_line(tmp_path):
     assert f"{path}:6: source.fitt: unknown key (allowed: url, fit, options)" in message
 
 
-def test_obs_section_goes_to_the_bridge_which_checks_it(tmp_path):
+def test_obs_section_is_parsed_once_with_line_numbers(tmp_path):
     path = tmp_path / "daemon.yaml"
     base = "model: {id: tiny}\nsinks: [null]\n"
     path.write_text(base + "obs:\n  port: 4455\n  scene_presets: {Gaming: anime}\n")
-    assert load_config(path).obs == {"port": 4455, "scene_presets": {"Gaming": "anime"}}
-    path.write_text(base + "obs:\n  prot: 4455\n")
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}:3: obs.prot: unknown field"):
+    obs = load_config(path).obs
+    assert (obs.host, obs.port, dict(obs.scene_presets)) == ("127.0.0.1", 4455, {"Gaming": "anime"})
+    path.write_text(base + "obs:\n  prot: 4455\n  port: 70000\n")
+    with pytest.raises(ConfigError) as info:
         load_config(path)
+    message = str(info.value)
+    assert f"{path}:4: obs.prot: unknown key (allowed: host, port, password" in message
+    assert f"{path}:5: obs.port: expected a whole number >= 1 and <= 65535, got 70000" in message
 
 
 # --------------------------------------------------------------------------- live changes
@@ -171,7 +165,7 @@ def test_obs_section_goes_to_the_bridge_which_checks_it(tmp_path):
 def test_with_param_checks_values_like_the_file_does():
     p = load_preset(CONFIGS / "presets" / "anime.yaml")
     assert with_param(p, "guidance_scale", 1.5).guidance_scale == 1.5
-    assert with_param(p, "strength", 0.5).t_index_list == strength_to_t_index_list(0.5, 1)
+    assert with_param(p, "strength", 0.5).t_index_list == strength_to_t_index_list(0.5, steps=1)
     assert with_param(p, "t_index_list", (20, 40)).t_index_list == (20, 40)
     with pytest.raises(ValueError, match="cfg_type: expected one of none, self, initialize, full"):
         with_param(p, "cfg_type", "half")
@@ -281,7 +275,7 @@ def test_any_mapping_either_loads_or_every_issue_points_into_the_file(tmp_path, 
 
 
 def test_an_unknown_start_preset_in_the_config_names_its_line(tmp_path):
-    from broadcast_filter.runtime.daemon import start_preset
+    from broadcast_filter.runtime.build import start_preset
 
     (tmp_path / "presets").mkdir()
     (tmp_path / "presets" / "a.yaml").write_text("prompt: a\n")

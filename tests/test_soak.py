@@ -21,10 +21,10 @@ import pytest
 import torch
 from test_daemon import SIZE, RecordingSink, SlowEngine, make_daemon
 
-from broadcast_filter.control.config import SafetySettings
 from broadcast_filter.media.base import Frame, Source, SourceLost
 from broadcast_filter.runtime.daemon import Limits
 from broadcast_filter.runtime.engine import EngineError
+from broadcast_filter.runtime.watchdog import SafetySettings
 
 FPS = 20
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))

@@ -7,12 +7,8 @@ import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline
 
-from broadcast_filter.diffusion.stream import (
-    PromptEmbeds,
-    StreamConfig,
-    StreamPipeline,
-    strength_to_t_index_list,
-)
+from broadcast_filter.diffusion.schedule import strength_to_t_index_list
+from broadcast_filter.diffusion.stream import PromptEmbeds, StreamConfig, StreamPipeline
 
 SIZE = 64
 ATOL = 1e-5  # fp32 on CPU: batching changes only summation order

@@ -12,11 +12,11 @@ import pytest
 import torch
 from test_daemon import RecordingSink, SlowEngine, make_daemon
 
-from broadcast_filter.control.config import SafetySettings
 from broadcast_filter.runtime.daemon import Limits
 from broadcast_filter.runtime.engine import EngineError
 from broadcast_filter.runtime.slate import blend, fit_image, no_signal_slate
 from broadcast_filter.runtime.watchdog import (
+    SafetySettings,
     WatchState,
     classify,
     engine_finished,
@@ -159,8 +159,8 @@ def test_a_failed_local_sink_is_reopened_with_backoff_and_the_others_never_stop(
 
     replacement = RecordingSink()
     daemon = make_daemon([("bad", bad), ("good", good)], cost=0.01, limits=Limits(frames=80))
-    daemon._reopen = reopen
-    daemon.safety = replace(daemon.safety, sink_retry_s=0.2, sink_retry_max_s=1.0)
+    daemon.sinks.reopen = reopen
+    daemon.sinks.safety = replace(daemon.safety, sink_retry_s=0.2, sink_retry_max_s=1.0)
     assert daemon.run() == 0
     assert len(good.times) == 80 and bad.closed == 1
     assert len(attempts) == 3 and len(replacement.times) > 10

@@ -8,12 +8,21 @@ cleaned value or raises ``ValueError("expected ...")``.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import types
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from broadcast_filter.control.obs_settings import ObsSettings
+from broadcast_filter.diffusion.spec import Acceleration, ModelSpec
+from broadcast_filter.runtime.watchdog import SafetySettings
+from broadcast_filter.setting import setting
 
 Check = Callable[[Any], Any]
 REQUIRED: Any = object()
@@ -64,13 +73,12 @@ def line_of(path: Path, *keys: str) -> int:
 
 @dataclass(frozen=True)
 class Field:
-    """One key of a mapping: its check (or nested :class:`Section`), default, and whether a
-    change takes effect live or needs a model reload."""
+    """One key of a mapping: its check (or nested :class:`Section`), default and help."""
 
-    check: Check | Section
+    check: Check | Section | Items
     default: Any = None
-    live: bool = True
     help: str = ""
+    secret: bool = False  # errors never echo the value (passwords)
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,8 @@ class Items:
 # ----------------------------------------------------------------------------- checks
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A real number (``True``/``False`` are not numbers here)."""
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
@@ -108,7 +117,7 @@ def number(lo: float | None = None, hi: float | None = None, *, open_lo: bool = 
     allowed += f" {high}" if high else ""
 
     def check(v: Any) -> float:
-        ok = _is_number(v) and v == v
+        ok = is_number(v) and v == v
         ok = ok and (lo is None or (v > lo if open_lo else v >= lo)) and (hi is None or v <= hi)
         if not ok:
             raise ValueError(f"expected {allowed}")
@@ -226,7 +235,9 @@ class _Reader:
     def issue(self, node: yaml.Node, name: str, message: str) -> None:
         self.issues.append(Issue(self.file, _line(node), name, message))
 
-    def value(self, node: yaml.Node, schema: Check | Section | Items, name: str) -> Any:
+    def value(
+        self, node: yaml.Node, schema: Check | Section | Items, name: str, secret: bool = False
+    ) -> Any:
         if isinstance(schema, Section):
             return self.section(node, schema, name)
         if isinstance(schema, Items):
@@ -239,7 +250,7 @@ class _Reader:
         try:
             return schema(raw)
         except ValueError as exc:
-            self.issue(node, name, f"{exc}, got {_shown(raw)}")
+            self.issue(node, name, f"{exc}, got {'(hidden)' if secret else _shown(raw)}")
             return None
 
     def items(self, node: yaml.Node, schema: Items, name: str) -> tuple[Any, ...]:
@@ -271,7 +282,8 @@ class _Reader:
                 self.issue(key_node, full, "given twice")
             else:
                 lines[key] = key_node
-                values[key] = self.value(value_node, schema.fields[key].check, full)
+                spec = schema.fields[key]
+                values[key] = self.value(value_node, spec.check, full, spec.secret)
         for key, spec in schema.fields.items():
             if spec.default is REQUIRED and key not in values:
                 full = f"{name}.{key}" if name else key
@@ -322,118 +334,171 @@ def check_value(schema: Section, name: str, value: Any) -> Any:
         raise ValueError(f"{name}: {exc}, got {_shown(value)}") from exc
 
 
+# ----------------------------------------------------------------------------- derived schemas
+
+
+def schema_of(
+    cls: type,
+    *,
+    build: Callable[..., Any] | None = None,
+    cross: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None,
+    checks: Mapping[str, Check | Section | Items] | None = None,
+    exclude: tuple[str, ...] = (),
+    shorthand: str | None = None,
+) -> Section:
+    """The :class:`Section` of dataclass ``cls``: one key per field, with the field's default
+    (``REQUIRED`` where :func:`~broadcast_filter.setting.setting` says so), help and a check
+    derived from its type hint and bounds; ``checks`` gives the check of fields whose type
+    says too little (``build`` defaults to ``cls`` itself)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Field] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        meta = f.metadata
+        check = (checks or {}).get(f.name) or meta.get("check") or _check_of(hints[f.name], meta)
+        if meta.get("required"):
+            default = REQUIRED
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = f.default
+        out[f.name] = Field(check, default, meta.get("help", ""), secret=not f.repr)
+    return Section(out, build or cls, cross or (lambda values: []), shorthand)
+
+
+def _check_of(hint: Any, meta: Mapping[str, Any]) -> Check | Section:
+    """The check for a type hint: bool, int, float, str, ``Literal``, ``X | None``, or a
+    nested dataclass (its own section)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return optional(_check_of(inner, meta))
+    if typing.get_origin(hint) is Literal:
+        return choice(*args)
+    if hint is bool:
+        return boolean
+    if hint is int:
+        return integer(meta.get("lo"), meta.get("hi"))
+    if hint is float:
+        return number(meta.get("lo"), meta.get("hi"), open_lo=meta.get("open_lo", False))
+    if hint is str:
+        return text(empty=meta.get("empty", False))
+    if dataclasses.is_dataclass(hint):
+        return schema_of(hint)
+    raise TypeError(f"no check derived for {hint!r}: give one with setting(check=...)")
+
+
+def options(v: Any) -> dict[str, Any]:
+    """A mapping of option: value (passed on to a source or sink)."""
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise ValueError("expected a mapping of option: value")
+    return v
+
+
 # ----------------------------------------------------------------------------- daemon config
 
-MODEL_HELP = "hub id, local folder, .safetensors file, or an offline model such as 'tiny'"
 
-
-def _loras(v: Any) -> tuple[tuple[str, float], ...]:
+def loras(v: Any) -> tuple[tuple[str, float], ...]:
+    """A mapping of LoRA id/path: scale."""
     if not isinstance(v, dict) or not all(
-        isinstance(k, str) and _is_number(s) for k, s in v.items()
+        isinstance(k, str) and is_number(s) for k, s in v.items()
     ):
         raise ValueError("expected a mapping of LoRA id/path: scale (a number)")
     return tuple((k, float(s)) for k, s in v.items())
 
 
-@dataclass(frozen=True)
-class ModelSettings:
-    """Which model to load (all fields need a reload to change)."""
-
-    id: str
-    taesd: str | None = None
-    lcm_lora: str | None = None
-    loras: tuple[tuple[str, float], ...] = ()
-    device: str = "auto"
-    dtype: str = "auto"
-    single_file_config: str | None = None
-    cache_dir: str | None = None
-    channels_last: bool = False
-    attention: str = "sdpa"
-    compile: bool = False
-    cuda_graphs: bool = False
+def model_section(*, overrides: bool = False) -> Section:
+    """The ``model:`` keys: :class:`ModelSpec`'s fields with :class:`Acceleration`'s flat
+    among them. As a preset's overrides every key is optional (``UNSET`` when absent) and
+    the section builds the dict of the keys given."""
+    spec = schema_of(ModelSpec, exclude=("accel",), checks={"loras": loras})
+    fields = {**spec.fields, **schema_of(Acceleration).fields}
+    if overrides:
+        unset = {k: dataclasses.replace(f, default=UNSET) for k, f in fields.items()}
+        return Section(unset, lambda **v: {k: x for k, x in v.items() if x is not UNSET})
+    return Section(fields, lambda **v: ModelSpec().with_overrides(v))
 
 
-def model_fields(*, for_preset: bool = False) -> dict[str, Field]:
-    """The ``model:`` keys. In a preset every key is optional (``UNSET`` when absent) and
-    overrides the daemon's model; any of them needs a reload."""
-    fields = {
-        "id": Field(text(empty=False), REQUIRED, False, MODEL_HELP),
-        "taesd": Field(optional(text(empty=False)), None, False),
-        "lcm_lora": Field(optional(text(empty=False)), None, False),
-        "loras": Field(_loras, (), False),
-        "device": Field(text(empty=False), "auto", False),
-        "dtype": Field(choice("auto", "float16", "bfloat16", "float32"), "auto", False),
-        "single_file_config": Field(optional(text(empty=False)), None, False),
-        "cache_dir": Field(optional(text(empty=False)), None, False),
-        "channels_last": Field(boolean, False, False),
-        "attention": Field(choice("sdpa", "classic"), "sdpa", False),
-        "compile": Field(boolean, False, False),
-        "cuda_graphs": Field(boolean, False, False),
-    }
-    if for_preset:
-        return {k: replace(f, default=UNSET) for k, f in fields.items()}
-    return fields
+def _resolution(v: Any) -> tuple[int, int]:
+    ok = isinstance(v, list) and len(v) == 2
+    ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    if not ok or not all(64 <= x <= 2048 and x % 8 == 0 for x in v):
+        raise ValueError("expected [width, height], multiples of 8 between 64 and 2048")
+    return (v[0], v[1])
 
 
-@dataclass(frozen=True)
-class SourceSettings:
-    url: str | None = None
-    fit: str = "crop"
-    options: dict[str, Any] = field(default_factory=dict)
+def _names(v: Any) -> dict[str, str]:
+    ok = isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+    )
+    if not ok:
+        raise ValueError("expected a mapping of OBS name: preset name")
+    return dict(v)
 
 
-@dataclass(frozen=True)
-class SinkSettings:
-    url: str
-    options: dict[str, Any] = field(default_factory=dict)
+def _obs_cross(values: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    if "password" in values and "password_env" in values:
+        problems.append(("password", "give either password or password_env, not both"))
+    env = values.get("password_env")
+    if env is not None and env not in os.environ:
+        problems.append(("password_env", f"environment variable {env} is not set"))
+    return problems
 
 
-@dataclass(frozen=True)
-class PresetSettings:
-    folder: str = "presets"
-    start: str | None = None
+def _obs_build(**values: Any) -> ObsSettings:
+    if values["password_env"] is not None:
+        values["password"] = os.environ[values["password_env"]]
+    return ObsSettings(**values)
 
 
-@dataclass(frozen=True)
-class SafetySettings:
-    """On-air safety (see :mod:`broadcast_filter.runtime.watchdog`); all need a restart."""
-
-    stall_s: float = 1.0  # one engine call longer than this: pass the input through
-    restart_after: int = 5  # failed engine calls in a row before the engine is rebuilt
-    recover_after: int = 3  # good calls in a row before fading back to the filter
-    fade_s: float = 0.5  # crossfade back from the input to the filtered picture
-    hold_s: float = 2.0  # source lost: hold the last frame this long, then a slate
-    sink_retry_s: float = 1.0  # first re-open attempt of a failed sink (then doubling)
-    sink_retry_max_s: float = 30.0  # longest wait between re-open attempts
-
-
-SAFETY = Section(
-    {
-        "stall_s": Field(number(0, 60, open_lo=True), 1.0, False),
-        "restart_after": Field(integer(1, 1000), 5, False),
-        "recover_after": Field(integer(1, 1000), 3, False),
-        "fade_s": Field(number(0, 10), 0.5, False),
-        "hold_s": Field(number(0, 3600), 2.0, False),
-        "sink_retry_s": Field(number(0, 60, open_lo=True), 1.0, False),
-        "sink_retry_max_s": Field(number(0, 3600, open_lo=True), 30.0, False),
-    },
-    SafetySettings,
+OBS = schema_of(
+    ObsSettings,
+    build=_obs_build,
+    cross=_obs_cross,
+    checks={"scene_presets": _names, "item_presets": _names},
 )
 
 
 @dataclass(frozen=True)
+class SourceSettings:
+    url: str | None = setting(None, help="device, file, URL, or null")
+    fit: Literal["crop", "letterbox", "stretch"] = setting("crop")
+    options: dict[str, Any] = setting(factory=dict, check=options)
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    url: str = setting(required=True, help="vcam, null, a file or a URL")
+    options: dict[str, Any] = setting(factory=dict, check=options)
+
+
+@dataclass(frozen=True)
+class PresetSettings:
+    folder: str = setting("presets", help="relative to this file's folder")
+    start: str | None = setting(None, help="preset on air at start")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
-    """The whole daemon: model, frame size and rate, source, sinks, presets, OBS (raw)."""
+    """The whole daemon: model, frame size and rate, source, sinks, presets, OBS, safety.
+    Local model paths are absolute, resolved against the config file's folder."""
 
     path: Path
-    model: ModelSettings
-    resolution: tuple[int, int]
-    fps: float
-    source: SourceSettings
-    sinks: tuple[SinkSettings, ...]
-    presets: PresetSettings
-    obs: dict[str, Any] | None = None
-    safety: SafetySettings = field(default_factory=SafetySettings)
+    model: ModelSpec = setting(required=True, help="id: ...")
+    resolution: tuple[int, int] = setting((512, 512), check=_resolution)
+    fps: float = setting(30.0, lo=1, hi=240)
+    source: SourceSettings = setting(factory=SourceSettings)
+    sinks: tuple[SinkSettings, ...] = setting(
+        (),
+        required=True,
+        help="a list such as [vcam]",
+        check=Items(schema_of(SinkSettings, shorthand="url"), 1),
+    )
+    presets: PresetSettings = setting(factory=PresetSettings)
+    obs: ObsSettings | None = setting(None, help="settings of the OBS bridge", check=OBS)
+    safety: SafetySettings = setting(factory=SafetySettings, help="on-air safety timings")
 
     @property
     def width(self) -> int:
@@ -449,86 +514,11 @@ class DaemonConfig:
         return (self.path.parent / self.presets.folder).resolve()
 
 
-def _resolution(v: Any) -> tuple[int, int]:
-    ok = isinstance(v, list) and len(v) == 2
-    ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-    if not ok or not all(64 <= x <= 2048 and x % 8 == 0 for x in v):
-        raise ValueError("expected [width, height], multiples of 8 between 64 and 2048")
-    return (v[0], v[1])
-
-
-def _options(v: Any) -> dict[str, Any]:
-    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
-        raise ValueError("expected a mapping of option: value")
-    return v
-
-
-def _obs(v: Any) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise ValueError("expected a mapping (the OBS bridge settings)")
-    return v
-
-
-SOURCE = Section(
-    {
-        "url": Field(optional(text(empty=False)), None, True, "device, file, URL, or null"),
-        "fit": Field(choice("crop", "letterbox", "stretch"), "crop"),
-        "options": Field(_options, {}),
-    },
-    SourceSettings,
-)
-SINK = Section(
-    {
-        "url": Field(text(empty=False), REQUIRED, True, "vcam, null, a file or a URL"),
-        "options": Field(_options, {}),
-    },
-    SinkSettings,
-    shorthand="url",
-)
-DAEMON = Section(
-    {
-        "model": Field(Section(model_fields(), ModelSettings), REQUIRED, False, "id: ..."),
-        "resolution": Field(_resolution, (512, 512), False),
-        "fps": Field(number(1, 240), 30.0, False),
-        "source": Field(SOURCE, SourceSettings(), False),
-        "sinks": Field(Items(SINK, 1), REQUIRED, False, "a list such as [vcam]"),
-        "presets": Field(
-            Section(
-                {
-                    "folder": Field(text(empty=False), "presets"),
-                    "start": Field(optional(text(empty=False)), None),
-                },
-                PresetSettings,
-            ),
-            PresetSettings(),
-        ),
-        "obs": Field(_obs, None, False, "settings of the OBS bridge"),
-        "safety": Field(SAFETY, SafetySettings(), False, "on-air safety timings"),
-    },
-    DaemonConfig,
-)
+DAEMON = schema_of(DaemonConfig, exclude=("path",), checks={"model": model_section()})
 
 
 def load_config(path: str | Path) -> DaemonConfig:
     """Read and check a daemon YAML file; raise :class:`ConfigError` naming file and line."""
     path = Path(path)
     config = load_section(path, DAEMON, path=path)
-    if config.obs is not None:
-        _check_obs(path, config.obs)
-    return config
-
-
-def _check_obs(path: Path, raw: dict[str, Any]) -> None:
-    """The ``obs:`` section belongs to the OBS bridge: it must be installed and accept it."""
-    line = line_of(path, "obs")
-    try:
-        from broadcast_filter.control.obs_bridge import ObsSettings
-    except ImportError as exc:
-        message = f"the OBS bridge is not available ({exc}); remove the obs: section"
-        raise ConfigError([Issue(str(path), line, "obs", message)]) from exc
-    where = f"{path}:{line}"
-    try:
-        ObsSettings.from_mapping(raw, where)
-    except (TypeError, ValueError) as exc:
-        message = str(exc).removeprefix(f"{where}: ")
-        raise ConfigError([Issue(str(path), line, "", message)]) from exc
+    return dataclasses.replace(config, model=config.model.resolved(path.parent.absolute()))

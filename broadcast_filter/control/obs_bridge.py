@@ -16,12 +16,11 @@ so its logger is quieted.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import obsws_python
@@ -29,6 +28,7 @@ from obsws_python.error import OBSSDKError, OBSSDKRequestError, OBSSDKTimeoutErr
 from obsws_python.subs import Subs
 
 from broadcast_filter.control.commands import Commands
+from broadcast_filter.control.obs_settings import ObsSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,6 @@ RETRY_FIRST_S = 0.25
 AUTH_RETRY_S = 30.0
 POLL_S = 0.2
 
-Action = tuple[str, Any]  # ("preset", name) | ("step", n) | ("bypass", bool|None) | ("set", (k, v))
-
-
-class ObsConfigError(ValueError):
-    """The ``obs:`` config section is invalid; the message names the file and field."""
-
 
 class ObsAuthError(RuntimeError):
     """OBS refused the password; the message names the setting, never the password."""
@@ -59,96 +53,18 @@ def quiet_obsws_logging() -> None:
 
 
 @dataclass(frozen=True)
-class ObsSettings:
-    """The daemon config's ``obs:`` section. ``password`` is kept out of ``repr``."""
+class Call:
+    """One :class:`Commands` call, e.g. ``Call("apply_preset", ("warm",))``; calling it with
+    the commands object performs it, ``str()`` shows it for the log."""
 
-    host: str = "127.0.0.1"
-    port: int = 4455
-    password: str = field(default="", repr=False)
-    password_env: str | None = None
-    scene_presets: Mapping[str, str] = field(default_factory=dict)
-    item_presets: Mapping[str, str] = field(default_factory=dict)
-    controls_scene: str = "broadcast_filter controls"
-    status_source: str | None = "broadcast_filter status"
-    status_interval_s: float = 1.0
-    warm_preview: bool = True
-    output_source: str = "broadcast_filter output"
-    output_url: str = "udp://127.0.0.1:23000"
-    output_format: str = "mpegts"
-    reconnect_max_s: float = 5.0
+    method: str
+    args: tuple[Any, ...] = ()
 
-    @property
-    def password_setting(self) -> str:
-        """Where the password comes from, for error messages."""
-        if self.password_env:
-            return f"obs.password_env (environment variable {self.password_env})"
-        return "obs.password"
+    def __call__(self, commands: Commands) -> Any:
+        return getattr(commands, self.method)(*self.args)
 
-    def connection(self) -> dict[str, Any]:
-        """Keyword arguments for obsws-python clients (always explicit: no config.toml)."""
-        return {"host": self.host, "port": self.port, "password": self.password}
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None, source: str) -> ObsSettings:
-        """Build from the YAML ``obs:`` mapping; ``source`` (the file) prefixes errors."""
-        mapping = dict(mapping or {})
-
-        def fail(key: str, problem: str) -> ObsConfigError:
-            return ObsConfigError(f"{source}: obs.{key}: {problem}")
-
-        known = set(cls.__dataclass_fields__)
-        for key in mapping:
-            if key not in known:
-                raise fail(key, f"unknown field (known: {', '.join(sorted(known))})")
-        kwargs: dict[str, Any] = {}
-        for key in ("host", "controls_scene", "output_source", "output_url", "output_format"):
-            if key in mapping:
-                kwargs[key] = _check(mapping[key], str, fail, key)
-        if "port" in mapping:
-            port = _check(mapping["port"], int, fail, "port")
-            if not 0 < port < 65536:
-                raise fail("port", f"must be 1..65535, got {port}")
-            kwargs["port"] = port
-        for key in ("status_interval_s", "reconnect_max_s"):
-            if key in mapping:
-                value = _check(mapping[key], (int, float), fail, key)
-                if value <= 0:
-                    raise fail(key, f"must be > 0, got {value}")
-                kwargs[key] = float(value)
-        if "warm_preview" in mapping:
-            kwargs["warm_preview"] = _check(mapping["warm_preview"], bool, fail, "warm_preview")
-        if "status_source" in mapping:
-            value = mapping["status_source"]
-            kwargs["status_source"] = (
-                None if value is None else _check(value, str, fail, "status_source")
-            )
-        for key in ("scene_presets", "item_presets"):
-            if key in mapping:
-                table = _check(mapping[key], dict, fail, key)
-                for name, preset in table.items():
-                    _check(name, str, fail, key)
-                    _check(preset, str, fail, f"{key}.{name}")
-                kwargs[key] = dict(table)
-        if "password" in mapping and "password_env" in mapping:
-            raise fail("password", "give either password or password_env, not both")
-        if "password" in mapping:
-            kwargs["password"] = _check(mapping["password"], str, fail, "password")
-        if "password_env" in mapping:
-            env = _check(mapping["password_env"], str, fail, "password_env")
-            if env not in os.environ:
-                raise fail("password_env", f"environment variable {env} is not set")
-            kwargs["password_env"] = env
-            kwargs["password"] = os.environ[env]
-        return cls(**kwargs)
-
-
-def _check(value: Any, kind: type | tuple[type, ...], fail: Callable, key: str) -> Any:
-    """``value`` if it is of ``kind`` (a bool is not a number here), else a named error."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise fail(key, f"expected {names}, got {type(value).__name__} {value!r}")
-    return value
+    def __str__(self) -> str:
+        return f"{self.method}({', '.join(map(repr, self.args))})"
 
 
 def connect(settings: ObsSettings, client: type = obsws_python.ReqClient, **kwargs: Any) -> Any:
@@ -166,7 +82,7 @@ def connect(settings: ObsSettings, client: type = obsws_python.ReqClient, **kwar
         ) from None
 
 
-def parse_custom_event(data: Mapping[str, Any]) -> list[Action] | None:
+def parse_custom_event(data: Mapping[str, Any]) -> list[Call] | None:
     """The actions in a ``CustomEvent``'s ``eventData``; ``None`` if it is not ours.
 
     ``{"broadcast_filter": {"preset": "warm"}}``, ``{"step": 1}``, ``{"bypass": true}`` (or
@@ -180,27 +96,27 @@ def parse_custom_event(data: Mapping[str, Any]) -> list[Action] | None:
     unknown = set(command) - {"preset", "step", "bypass", "set"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)} (use preset, step, bypass, set)")
-    actions: list[Action] = []
+    calls: list[Call] = []
     if "preset" in command:
         if not isinstance(command["preset"], str):
             raise ValueError(f"preset must be a string, got {command['preset']!r}")
-        actions.append(("preset", command["preset"]))
+        calls.append(Call("apply_preset", (command["preset"],)))
     if "step" in command:
         step = command["step"]
         if isinstance(step, bool) or not isinstance(step, int):
             raise ValueError(f"step must be an integer, got {step!r}")
-        actions.append(("step", step))
+        calls.append(Call("step_preset", (step,)))
     if "bypass" in command:
         bypass = command["bypass"]
         if bypass not in (True, False, "toggle") or not isinstance(bypass, bool | str):
             raise ValueError(f'bypass must be true, false or "toggle", got {bypass!r}')
-        actions.append(("bypass", None if bypass == "toggle" else bypass))
+        calls.append(Call("set_bypass", (None if bypass == "toggle" else bypass,)))
     if "set" in command:
         params = command["set"]
         if not isinstance(params, dict) or not params:
             raise ValueError(f"set must be a non-empty object, got {params!r}")
-        actions.extend(("set", item) for item in params.items())
-    return actions
+        calls.extend(Call("set_param", item) for item in params.items())
+    return calls
 
 
 def format_status(status: Mapping[str, Any]) -> str:
@@ -385,19 +301,20 @@ class ObsBridge:
             except ValueError as err:
                 log.warning("ignored CustomEvent %.200r: %s", data, err)
                 return False
-            return actions is not None and all([self._apply(a, "CustomEvent") for a in actions])
+            return actions is not None and all([self._call(a, "CustomEvent") for a in actions])
         return False
 
     def _on_program_scene(self, scene: str) -> bool:
         preset = self.settings.scene_presets.get(scene)
-        return preset is not None and self._apply(("preset", preset), f"scene {scene!r}")
+        return preset is not None and self._call(
+            Call("apply_preset", (preset,)), f"scene {scene!r}"
+        )
 
     def _on_preview_scene(self, scene: str) -> None:
         """Studio mode: let the daemon prepare the preview scene's preset before the cut."""
         preset = self.settings.scene_presets.get(scene)
-        prepare = getattr(self.commands, "prepare_preset", None)
-        if self.settings.warm_preview and preset is not None and callable(prepare):
-            self._call(f"preview scene {scene!r}: prepare_preset({preset!r})", prepare, preset)
+        if self.settings.warm_preview and preset is not None:
+            self._call(Call("prepare_preset", (preset,)), f"preview scene {scene!r}")
 
     def _on_item_shown(self, scene: str, item_id: int) -> bool:
         """A controls-scene item was shown (its hotkey): act, then hide it to re-arm the key."""
@@ -408,30 +325,19 @@ class ObsBridge:
         target = self.settings.item_presets.get(source or "")
         if target is None:
             return False
-        action = ("bypass", None) if target == BYPASS else ("preset", target)
-        done = self._apply(action, f"item {source!r}")
+        call = Call("set_bypass", (None,)) if target == BYPASS else Call("apply_preset", (target,))
+        done = self._call(call, f"item {source!r}")
         self._req.set_scene_item_enabled(scene, item_id, False)
         return done
 
-    def _apply(self, action: Action, why: str) -> bool:
-        kind, arg = action
-        if kind == "preset":
-            return self._call(f"{why}: apply_preset({arg!r})", self.commands.apply_preset, arg)
-        if kind == "step":
-            return self._call(f"{why}: step_preset({arg})", self.commands.step_preset, arg)
-        if kind == "bypass":
-            return self._call(f"{why}: set_bypass({arg})", self.commands.set_bypass, arg)
-        name, value = arg
-        return self._call(f"{why}: set_param({name!r}, {value!r})", self.commands.set_param, *arg)
-
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> bool:
+    def _call(self, call: Call, why: str) -> bool:
         """Call into the daemon; a failure is logged, never raised into the bridge."""
         try:
-            fn(*args)
+            call(self.commands)
         except Exception as err:
-            log.error("%s failed: %s: %s", what, type(err).__name__, err)
+            log.error("%s: %s failed: %s: %s", why, call, type(err).__name__, err)
             return False
-        log.info("%s", what)
+        log.info("%s: %s", why, call)
         return True
 
     def _update_status(self) -> None:

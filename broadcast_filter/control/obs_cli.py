@@ -7,19 +7,15 @@ password refused, 2 bad configuration, 3 (``status``) something mapped is missin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from broadcast_filter.control.obs_bridge import (
-    ObsAuthError,
-    ObsConfigError,
-    ObsSettings,
-    connect,
-    quiet_obsws_logging,
-)
+from broadcast_filter.control.config import OBS, ConfigError, UsageError, check_value, load_config
+from broadcast_filter.control.obs_bridge import ObsAuthError, connect, quiet_obsws_logging
+from broadcast_filter.control.obs_settings import ObsSettings
 from broadcast_filter.control.obs_setup import describe, plan_setup
 
 
@@ -45,25 +41,25 @@ def add_obs_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> ObsSettings:
-    """The config file's ``obs:`` section, overridden by the command-line options."""
-    mapping: dict[str, Any] = {}
-    source = "command line"
+    """The config file's ``obs:`` section (parsed with the rest of that file), with the
+    command-line options on top; ``ConfigError`` / ``UsageError`` name what is wrong."""
+    settings = ObsSettings()
     if args.config is not None:
-        source = str(args.config)
-        try:
-            document = yaml.safe_load(args.config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ObsConfigError(f"{source}: cannot read: {err}") from None
-        if not isinstance(document, dict):
-            raise ObsConfigError(f"{source}: expected a mapping at the top level")
-        mapping = dict(document.get("obs") or {})
-    if args.password is not None or args.password_env is not None:
-        mapping.pop("password", None)
-        mapping.pop("password_env", None)
-    for key in ("host", "port", "password", "password_env"):
+        settings = load_config(args.config).obs or settings
+    changes: dict[str, Any] = {}
+    for key in ("host", "port", "password"):
         if getattr(args, key) is not None:
-            mapping[key] = getattr(args, key)
-    return ObsSettings.from_mapping(mapping, source)
+            try:
+                changes[key] = check_value(OBS, key, getattr(args, key))
+            except ValueError as err:
+                raise UsageError(f"--{key}: {err}") from None
+    if args.password_env is not None:
+        if args.password_env not in os.environ:
+            raise UsageError(f"--password-env: environment variable {args.password_env} is not set")
+        changes |= {"password_env": args.password_env, "password": os.environ[args.password_env]}
+    elif args.password is not None:
+        changes["password_env"] = None
+    return replace(settings, **changes)
 
 
 def _open(args: argparse.Namespace) -> tuple[ObsSettings, Any]:
@@ -81,7 +77,10 @@ def _open(args: argparse.Namespace) -> tuple[ObsSettings, Any]:
 def _guarded(run: Any, args: argparse.Namespace) -> int:
     try:
         settings, req = _open(args)
-    except ObsConfigError as err:
+    except ConfigError as err:
+        print(f"configuration error:\n{err}", file=sys.stderr)
+        return 2
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ObsAuthError, ConnectionError) as err:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from broadcast_filter.control.obs_bridge import ObsSettings
+from broadcast_filter.control.obs_settings import ObsSettings
 
 TEXT_KINDS = ("text_ft2_source_v2", "text_gdiplus_v3", "text_gdiplus_v2")
 COLOR_KINDS = ("color_source_v3", "color_source_v2")

@@ -8,80 +8,31 @@ keys override the daemon's ``model:`` section) and *needs a reload*; the stream 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import dataclasses
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from broadcast_filter.control.config import (
-    UNSET,
     ConfigError,
-    Field,
     Issue,
-    ModelSettings,
-    Section,
-    boolean,
     check_value,
-    choice,
-    integer,
     load_section,
-    model_fields,
-    number,
+    model_section,
     optional,
+    schema_of,
     text,
 )
-
-NUM_INFERENCE_STEPS = 50
-MAX_LEVELS = 4
-DEFAULT_T_INDEX = (32, 45)
-
-
-@dataclass(frozen=True)
-class SsfSettings:
-    """Stochastic similarity filter: skip the model on near-identical frames."""
-
-    enabled: bool = True
-    threshold: float = 0.98
-    max_skip: int = 10
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One look. ``t_index_list`` is resolved from ``strength``/``steps`` when those are given."""
-
-    name: str
-    prompt: str = ""
-    negative_prompt: str = ""
-    description: str = ""
-    guidance_scale: float = 1.2
-    delta: float = 1.0
-    cfg_type: str = "self"
-    t_index_list: tuple[int, ...] = DEFAULT_T_INDEX
-    strength: float | None = None
-    steps: int | None = None
-    seed: int = 2
-    ssf: SsfSettings = field(default_factory=SsfSettings)
-    transition: float = 1.0
-    bypass: bool = False
-    model: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-
-    def model_settings(self, base: ModelSettings) -> ModelSettings:
-        """The model this preset runs on: the daemon's, with this preset's overrides."""
-        return ModelSettings(**{**base.__dict__, **self.model})
-
-
-def _t_index_list(v: Any) -> tuple[int, ...]:
-    allowed = (
-        f"expected a list of 1 to {MAX_LEVELS} strictly increasing whole numbers "
-        f"in 0..{NUM_INFERENCE_STEPS - 1} (larger = closer to the input)"
-    )
-    if not isinstance(v, list) or not 1 <= len(v) <= MAX_LEVELS:
-        raise ValueError(allowed)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise ValueError(allowed)
-    if any(not 0 <= i < NUM_INFERENCE_STEPS for i in v) or v != sorted(set(v)):
-        raise ValueError(allowed)
-    return tuple(v)
+from broadcast_filter.diffusion.schedule import (
+    DEFAULT_T_INDEX,
+    MAX_LEVELS,
+    NUM_INFERENCE_STEPS,
+    CfgType,
+    check_t_index_list,
+    strength_to_t_index_list,
+)
+from broadcast_filter.diffusion.spec import ModelSpec, resolve_refs
+from broadcast_filter.setting import setting
 
 
 def _threshold(v: Any) -> float:
@@ -90,12 +41,49 @@ def _threshold(v: Any) -> float:
     return float(v)
 
 
-def strength_to_t_index_list(strength: float, steps: int) -> tuple[int, ...]:
-    """Same mapping as :func:`broadcast_filter.diffusion.stream.strength_to_t_index_list`
-    for N = 50 (kept here so checking a preset does not import torch)."""
-    n = NUM_INFERENCE_STEPS
-    first = min(round(n * (1.0 - strength)), n - steps)
-    return tuple(first + ((n - first) * i) // steps for i in range(steps))
+@dataclass(frozen=True)
+class SsfSettings:
+    """Stochastic similarity filter: skip the model on near-identical frames."""
+
+    enabled: bool = setting(True)
+    threshold: float = setting(0.98, check=_threshold)
+    max_skip: int = setting(10, lo=0, hi=1000)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One look. ``t_index_list`` is resolved from ``strength``/``steps`` when those are given.
+    ``live`` fields may be changed on the running preset; ``reload`` ones need a model load."""
+
+    name: str
+    description: str = setting("", empty=True, help="one line for preset lists")
+    prompt: str = setting(
+        "", live=True, check=optional(text(empty=False)), help="the look, in words"
+    )
+    negative_prompt: str = setting(
+        "", live=True, empty=True, help="what to avoid (cfg_type full/initialize)"
+    )
+    guidance_scale: float = setting(1.2, lo=0, hi=20, live=True, help="crossfaded; > 1: CFG")
+    delta: float = setting(1.0, lo=0, hi=5, live=True, help="residual noise scale (self)")
+    cfg_type: CfgType = setting("self", live=True)
+    t_index_list: tuple[int, ...] = setting(
+        DEFAULT_T_INDEX,
+        live=True,
+        check=optional(check_t_index_list),
+        help=f"denoising levels in 0..{NUM_INFERENCE_STEPS - 1}",
+    )
+    strength: float | None = setting(None, lo=0, hi=1, open_lo=True, live=True, help="0..1")
+    steps: int | None = setting(None, lo=1, hi=MAX_LEVELS, help="levels for strength")
+    seed: int = setting(2, lo=0, hi=2**32 - 1, live=True)
+    ssf: SsfSettings = setting(factory=SsfSettings, help="similarity filter")
+    transition: float = setting(1.0, lo=0, hi=60, live=True, help="crossfade seconds")
+    bypass: bool = setting(False, live=True, help="true: engine bypassed, input passed on")
+    model: dict[str, Any] = setting(factory=dict, reload=True, help="overrides of model:")
+    path: Path | None = None
+
+    def model_spec(self, base: ModelSpec) -> ModelSpec:
+        """The model this preset runs on: the daemon's, with this preset's overrides."""
+        return base.with_overrides(self.model)
 
 
 def _cross(values: dict[str, Any]) -> list[tuple[str, str]]:
@@ -117,61 +105,25 @@ def _cross(values: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _build(name: str, path: Path, **values: Any) -> Preset:
     if values["strength"] is not None:
-        values["t_index_list"] = strength_to_t_index_list(values["strength"], values["steps"] or 1)
+        steps = values["steps"] or 1
+        values["t_index_list"] = strength_to_t_index_list(values["strength"], steps=steps)
     values["t_index_list"] = values["t_index_list"] or DEFAULT_T_INDEX
     values["prompt"] = values["prompt"] or ""
+    values["model"] = {**values["model"], **resolve_refs(values["model"], path.parent.absolute())}
     return Preset(name=name, path=path, **values)
 
 
-def _model_overrides(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not UNSET}
-
-
-SSF = Section(
-    {
-        "enabled": Field(boolean, True),
-        "threshold": Field(_threshold, 0.98),
-        "max_skip": Field(integer(0, 1000), 10),
-    },
-    SsfSettings,
-)
-
-#: The preset schema. ``live=False`` marks fields that need a model reload.
-PRESET = Section(
-    {
-        "description": Field(text(), "", True, "one line for preset lists"),
-        "prompt": Field(optional(text(empty=False)), None, True, "the look, in words"),
-        "negative_prompt": Field(text(), "", True, "what to avoid (cfg_type full/initialize)"),
-        "guidance_scale": Field(number(0, 20), 1.2, True, "crossfaded; > 1 enables CFG"),
-        "delta": Field(number(0, 5), 1.0, True, "residual-noise scale for cfg_type self"),
-        "cfg_type": Field(choice("none", "self", "initialize", "full"), "self", True),
-        "t_index_list": Field(optional(_t_index_list), None, True, "denoising levels"),
-        "strength": Field(optional(number(0, 1, open_lo=True)), None, True, "0..1 img2img"),
-        "steps": Field(optional(integer(1, MAX_LEVELS)), None, True, "levels for strength"),
-        "seed": Field(integer(0, 2**32 - 1), 2, True),
-        "ssf": Field(SSF, SsfSettings(), True, "similarity filter"),
-        "transition": Field(number(0, 60), 1.0, True, "crossfade seconds"),
-        "bypass": Field(boolean, False, True, "true: engine bypassed, input passed through"),
-        "model": Field(Section(model_fields(for_preset=True), _model_overrides), {}, False),
-    },
+#: The preset schema, derived from :class:`Preset`'s fields.
+PRESET = schema_of(
+    Preset,
+    exclude=("name", "path"),
     cross=_cross,
+    checks={"model": model_section(overrides=True)},
 )
-
-LIVE_FIELDS = tuple(k for k, f in PRESET.fields.items() if f.live)
-RELOAD_FIELDS = tuple(k for k, f in PRESET.fields.items() if not f.live)
 #: Fields a control surface may change on the running preset (``Commands.set_param``).
-SETTABLE = (
-    "prompt",
-    "negative_prompt",
-    "guidance_scale",
-    "delta",
-    "cfg_type",
-    "t_index_list",
-    "strength",
-    "seed",
-    "transition",
-    "bypass",
-)
+LIVE_FIELDS = tuple(f.name for f in fields(Preset) if f.metadata.get("live"))
+#: Fields whose change needs another model loaded.
+RELOAD_FIELDS = tuple(f.name for f in fields(Preset) if f.metadata.get("reload"))
 
 
 def load_preset(path: str | Path) -> Preset:
@@ -179,14 +131,14 @@ def load_preset(path: str | Path) -> Preset:
     path = Path(path)
     if path.suffix not in (".yaml", ".yml"):
         raise ConfigError([Issue(str(path), 1, "", "a preset file must end in .yaml or .yml")])
-    schema = Section(PRESET.fields, lambda **v: _build(path.stem, path, **v), PRESET.cross)
+    schema = dataclasses.replace(PRESET, build=lambda **v: _build(path.stem, path, **v))
     return load_section(path, schema)
 
 
 def with_param(preset: Preset, name: str, value: Any) -> Preset:
     """``preset`` with one live field changed; ``ValueError`` names the allowed values."""
-    if name not in SETTABLE:
-        raise ValueError(f"{name!r} cannot be changed live (allowed: {', '.join(SETTABLE)})")
+    if name not in LIVE_FIELDS:
+        raise ValueError(f"{name!r} cannot be changed live (allowed: {', '.join(LIVE_FIELDS)})")
     if isinstance(value, tuple):
         value = list(value)
     checked = check_value(PRESET, name, value)
@@ -194,7 +146,7 @@ def with_param(preset: Preset, name: str, value: Any) -> Preset:
         return replace(
             preset,
             strength=checked,
-            t_index_list=strength_to_t_index_list(checked, preset.steps or 1),
+            t_index_list=strength_to_t_index_list(checked, steps=preset.steps or 1),
         )
     if name == "prompt" and checked is None:
         raise ValueError("prompt: expected non-empty text")

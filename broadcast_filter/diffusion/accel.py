@@ -1,7 +1,8 @@
 """Acceleration switches for a loaded :class:`ModelBundle`, each measurable on its own.
 
-Load-time choices live in :class:`~broadcast_filter.diffusion.models.ModelSpec` (dtype
-fp16/bf16, TAESD); the switches here change how the same weights run:
+Load-time choices live in :class:`~broadcast_filter.diffusion.spec.ModelSpec` (dtype
+fp16/bf16, TAESD); its :class:`~broadcast_filter.diffusion.spec.Acceleration` switches,
+applied here, change how the same weights run:
 
 - ``channels_last``: NHWC memory layout for the convolutional UNet and VAE;
 - ``attention``: ``"sdpa"`` (PyTorch's fused scaled-dot-product attention, diffusers' default)
@@ -20,29 +21,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from tqdm.auto import tqdm
 
+from broadcast_filter.diffusion.spec import Acceleration
+
 if TYPE_CHECKING:
     from broadcast_filter.diffusion.models import ModelBundle
     from broadcast_filter.diffusion.stream import StreamPipeline
-
-
-@dataclass(frozen=True)
-class Acceleration:
-    channels_last: bool = False
-    attention: Literal["sdpa", "classic"] = "sdpa"
-    compile: bool = False
-    cuda_graphs: bool = False
-
-    def describe(self) -> str:
-        on = [name for name in ("channels_last", "compile", "cuda_graphs") if getattr(self, name)]
-        return "+".join([*on, self.attention])
 
 
 def use_compile_cache(folder: str | Path | None = None) -> Path:

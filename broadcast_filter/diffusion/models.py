@@ -26,22 +26,20 @@ from diffusers.loaders.single_file_utils import (
 )
 from huggingface_hub import is_offline_mode, snapshot_download
 from huggingface_hub.constants import HF_HUB_CACHE
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import EntryNotFoundError
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from broadcast_filter.diffusion.offline import OFFLINE_MODELS, ensure_offline_model
+from broadcast_filter.diffusion.spec import ModelSpec, ref_kind
 
 __all__ = [
     "ModelBundle",
     "ModelNotFoundError",
-    "ModelSpec",
     "load_models",
     "resolve_device_dtype",
 ]
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Only what load_models reads from a diffusers repo (fp32 safetensors, no variants, no .bin).
 PIPELINE_FILES = [
     "model_index.json",
@@ -58,20 +56,6 @@ TAESD_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
 LORA_FILES = ["*.safetensors"]
 CONFIG_FILES = ["*.json", "*.txt"]  # what from_single_file reads besides the checkpoint
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load. Paths and hub ids are accepted wherever a model is named."""
-
-    model: str = "stabilityai/sd-turbo"
-    taesd: str | None = None
-    lcm_lora: str | None = None
-    loras: tuple[tuple[str, float], ...] = ()
-    device: str = "auto"
-    dtype: str = "auto"
-    single_file_config: str | None = None
-    cache_dir: str | None = None
 
 
 @dataclass
@@ -146,7 +130,7 @@ def load_models(spec: ModelSpec, progress: bool = True) -> ModelBundle:
 
 
 def _describe(spec: ModelSpec) -> str:
-    parts = [spec.model]
+    parts = [spec.id]
     if spec.lcm_lora is not None:
         parts.append("LCM-LoRA")
     parts += [f"LoRA {Path(name).name}@{scale:g}" for name, scale in spec.loras]
@@ -156,18 +140,14 @@ def _describe(spec: ModelSpec) -> str:
 
 
 def _resolve_model(spec: ModelSpec, progress: bool) -> Path:
-    """Local folder or checkpoint file for ``spec.model`` (building or downloading it)."""
-    if spec.model in OFFLINE_MODELS:
-        return ensure_offline_model(spec.model, spec.cache_dir, progress=progress)
+    """Local folder or checkpoint file for ``spec.id`` (building or downloading it)."""
     files = PIPELINE_FILES if spec.taesd is not None else [*PIPELINE_FILES, VAE_WEIGHTS]
-    return _resolve(spec.model, "model", files, spec, progress)
+    return _resolve(spec.id, "model", files, spec, progress)
 
 
 def _resolve_taesd(name: str, spec: ModelSpec, progress: bool) -> Path:
     """Folder of an ``AutoencoderTiny``: an offline model's ``taesd`` subfolder, a local folder
     (or its ``taesd`` subfolder) or a hub snapshot."""
-    if name in OFFLINE_MODELS:
-        return ensure_offline_model(name, spec.cache_dir, progress=progress) / "taesd"
     folder = _resolve(name, "TAESD", TAESD_FILES, spec, progress)
     if not (folder / "config.json").is_file() and (folder / "taesd").is_dir():
         folder = folder / "taesd"
@@ -178,14 +158,24 @@ def _resolve_taesd(name: str, spec: ModelSpec, progress: bool) -> Path:
 def _resolve(
     name: str, what: str, allow_patterns: list[str], spec: ModelSpec, progress: bool
 ) -> Path:
-    """A local path as is, else a hub snapshot restricted to ``allow_patterns``."""
-    path = Path(name).expanduser()
-    if path.exists():
+    """What ``name`` refers to (:func:`~broadcast_filter.diffusion.spec.ref_kind`): an
+    offline model's folder, a local path that exists, or a hub snapshot restricted to
+    ``allow_patterns``. A hub id is never read from a local folder of the same name."""
+    kind = ref_kind(name)
+    if kind == "name":
+        if name not in OFFLINE_MODELS:
+            raise ModelNotFoundError(
+                f"{what} {name!r} is not an offline model ({', '.join(OFFLINE_MODELS)}); "
+                "write a local folder as ./name, a hub model as owner/name"
+            )
+        return ensure_offline_model(name, spec.cache_dir, progress=progress)
+    if kind == "path":
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"{what} {name!r} not found: no such file or folder {path.absolute()}"
+            )
         return path
-    if not _is_repo_id(name):
-        raise ModelNotFoundError(
-            f"{what} {name!r} not found: no such file or folder {path.absolute()}"
-        )
     where = f"the Hugging Face cache at {spec.cache_dir or HF_HUB_CACHE}"
     try:
         folder = Path(
@@ -226,16 +216,6 @@ def _download_help(
     if spec.cache_dir is not None:
         command += f" --cache-dir {spec.cache_dir}"
     return f"{problem}.\nDownload it with:\n  {command}\nor {alternative}."
-
-
-def _is_repo_id(name: str) -> bool:
-    if name.endswith(SINGLE_FILE_SUFFIXES) or name.startswith((".", "/", "~")):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 class _SilentTqdm(tqdm):
@@ -296,11 +276,12 @@ def _require_files(folder: Path, names: list[str]) -> None:
 def _load_single_file(path: Path, spec: ModelSpec, dtype: torch.dtype) -> StableDiffusionPipeline:
     """An original-layout SD 1.x / 2.x checkpoint, configs from ``single_file_config``."""
     config = spec.single_file_config
-    if config in OFFLINE_MODELS:
-        config = str(ensure_offline_model(config, spec.cache_dir))
-    elif config is not None and not Path(config).expanduser().is_dir() and not _is_repo_id(config):
+    kind = ref_kind(config) if config is not None else "hub"
+    if kind == "name":
+        config = str(_resolve(config, "single_file_config", [], spec, progress=False))
+    elif kind == "path" and not Path(config).expanduser().is_dir():
         raise ModelNotFoundError(f"single_file_config {config!r} not found: no such folder")
-    offline = config is not None and Path(config).expanduser().is_dir()
+    offline = kind != "hub"
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path),

@@ -23,12 +23,18 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from diffusers import AutoencoderTiny
 
+from broadcast_filter.diffusion.schedule import (
+    CFG_TYPES,
+    DEFAULT_T_INDEX,
+    MAX_LEVELS,
+    NUM_INFERENCE_STEPS,
+    CfgType,
+    check_t_index_list,
+)
+
 if TYPE_CHECKING:
     from broadcast_filter.diffusion.models import ModelBundle
 
-CfgType = Literal["none", "full", "self", "initialize"]
-CFG_TYPES: tuple[str, ...] = ("none", "full", "self", "initialize")
-MAX_LEVELS = 4
 _EMBED_CACHE_SIZE = 32
 
 
@@ -39,8 +45,8 @@ class StreamConfig:
 
     width: int = 512
     height: int = 512
-    t_index_list: tuple[int, ...] = (32, 45)
-    num_inference_steps: int = 50
+    t_index_list: tuple[int, ...] = DEFAULT_T_INDEX
+    num_inference_steps: int = NUM_INFERENCE_STEPS
     cfg_type: CfgType = "self"
     guidance_scale: float = 1.2
     delta: float = 1.0
@@ -55,38 +61,16 @@ class StreamConfig:
             raise ValueError(
                 f"width/height must be positive multiples of 8, got {self.width}x{self.height}"
             )
-        n = self.num_inference_steps
-        levels = tuple(self.t_index_list)
-        if not 1 <= len(levels) <= MAX_LEVELS:
-            raise ValueError(f"t_index_list must hold 1 to {MAX_LEVELS} levels, got {levels}")
-        if any(not 0 <= i < n for i in levels) or list(levels) != sorted(set(levels)):
-            raise ValueError(
-                f"t_index_list must be strictly increasing indices in [0, {n - 1}] "
-                f"(num_inference_steps={n}), got {levels}"
-            )
+        try:
+            check_t_index_list(self.t_index_list, self.num_inference_steps)
+        except ValueError as exc:
+            raise ValueError(f"t_index_list: {exc}, got {tuple(self.t_index_list)}") from None
         if self.cfg_type not in CFG_TYPES:
             raise ValueError(f"cfg_type must be one of {CFG_TYPES}, got {self.cfg_type!r}")
         if self.frame_buffer_size < 1:
             raise ValueError(f"frame_buffer_size must be >= 1, got {self.frame_buffer_size}")
         if self.mode not in ("img2img", "txt2img"):
             raise ValueError(f"mode must be 'img2img' or 'txt2img', got {self.mode!r}")
-
-
-def strength_to_t_index_list(
-    strength: float, num_inference_steps: int = 50, steps: int = 1
-) -> tuple[int, ...]:
-    """Map an img2img strength in ``(0, 1]`` to ``steps`` levels of an N-step schedule.
-
-    Strength 1 starts from pure noise (index 0); smaller strengths start later (less noise);
-    the remaining levels are spread evenly towards the end of the schedule.
-    """
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if not 1 <= steps <= MAX_LEVELS:
-        raise ValueError(f"steps must be 1..{MAX_LEVELS}, got {steps}")
-    first = min(round(num_inference_steps * (1.0 - strength)), num_inference_steps - steps)
-    span = num_inference_steps - first
-    return tuple(first + (span * i) // steps for i in range(steps))
 
 
 @dataclass(frozen=True)

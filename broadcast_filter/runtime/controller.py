@@ -3,8 +3,10 @@
 Control surfaces (OBS, the CLI, an API) call the ``Commands`` methods from their own threads;
 each call only records the wish under a lock (the newest wish wins: nothing queues up). The
 engine thread calls :meth:`Controller.process` once per frame, which applies the wishes at
-that frame boundary and then styles the frame, passes it through, or re-emits the last
-output. A preset on another model is loaded in a background thread while frames pass through.
+that frame boundary and then styles the frame (or re-emits the last output), or says that
+nothing was styled and why; what goes on air is decided in one place,
+:mod:`broadcast_filter.runtime.on_air`. A preset on another model is loaded in a background
+thread while frames pass through.
 """
 
 from __future__ import annotations
@@ -17,22 +19,26 @@ from typing import Any
 
 import numpy as np
 
-from broadcast_filter.control.config import ModelSettings
 from broadcast_filter.control.presets import Change, Preset, PresetLibrary, with_param
+from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.media.base import Frame
 from broadcast_filter.runtime.engine import Engine, EngineError
 from broadcast_filter.runtime.telemetry import Telemetry
+from broadcast_filter.runtime.watchdog import classify
 
-EngineLoader = Callable[[ModelSettings, Preset], Engine]
+EngineLoader = Callable[[ModelSpec, Preset], Engine]
 
 
 @dataclass(frozen=True)
-class Output:
-    """One frame for the sinks, with the capture time of the input it came from."""
+class Result:
+    """What the engine made of one frame. ``image`` is the styled picture, or ``None`` when
+    nothing was styled (bypass, a model loading, a failure): then the input goes on air.
+    ``fault`` is this call's engine failure, classified (``None`` after a good call)."""
 
-    image: np.ndarray
+    image: np.ndarray | None
     captured_at: float
-    kind: str  # "model", "skip" (SSF re-emit) or "pass" (input passed through)
+    kind: str  # "model", "skip" (SSF re-emit) or "pass" (nothing styled)
+    fault: str | None = None
 
 
 class Controller:
@@ -43,7 +49,7 @@ class Controller:
         library: PresetLibrary,
         start: Preset,
         engine: Engine | None,
-        base_model: ModelSettings,
+        base_model: ModelSpec,
         load: EngineLoader,
         telemetry: Telemetry,
         log: Callable[[str], None],
@@ -57,17 +63,16 @@ class Controller:
         self._warm: Preset | None = None
         self._bypass = False
         self._loaded: Engine | None = None
-        self._load_error: tuple[ModelSettings, str] | None = None
-        self._loading: ModelSettings | None = None
-        self._failed: set[ModelSettings] = set()
+        self._load_error: tuple[ModelSpec, str] | None = None
+        self._loading: ModelSpec | None = None
+        self._failed: set[ModelSpec] = set()
         self.active = start
         self.previous = start
+        self._wanted = start.model_spec(base_model)  # the model self.active runs on
         self.engine = engine
         self.mode = "starting"
         self._engine_failed = False
         self._restart: str | None = None
-        #: the last frame's engine failure (``None`` after a good frame), for the watchdog
-        self.fault: EngineError | None = None
 
     # ------------------------------------------------------------------ Commands
 
@@ -127,7 +132,7 @@ class Controller:
 
     # ------------------------------------------------------------------ per frame
 
-    def process(self, frame: Frame, now: float) -> Output:
+    def process(self, frame: Frame, now: float) -> Result:
         """Apply pending changes at this frame boundary, then produce this frame's output."""
         with self._lock:
             pending, self._pending = self._pending, None
@@ -136,11 +141,11 @@ class Controller:
             load_error, self._load_error = self._load_error, None
             restart, self._restart = self._restart, None
             warm, self._warm = self._warm, None
-        if warm is not None and not warm.bypass and self._engine_ready(warm):
+        if warm is not None and not warm.bypass and self._runs_on(warm.model_spec(self.base_model)):
             self.engine.pipe.encode_prompt(warm.prompt, warm.negative_prompt)
         if restart is not None and self.engine is not None and self._loading is None:
             self._log(f"restarting the engine ({restart}); passing frames through meanwhile")
-            self._failed.discard(self.engine.settings)
+            self._failed.discard(self.engine.spec)
             self.engine = None
             self._engine_failed = False
         if pending is not None:
@@ -157,37 +162,37 @@ class Controller:
         if preset.name != self.active.name:
             self.previous = self.active
         self.active = preset
-        if not preset.bypass and self._engine_ready(preset):
+        self._wanted = preset.model_spec(self.base_model)
+        if not preset.bypass and self._runs_on(self._wanted):
             self.engine.switch(preset, now)
 
-    def _wanted(self, preset: Preset) -> ModelSettings:
-        return preset.model_settings(self.base_model)
-
-    def _engine_ready(self, preset: Preset) -> bool:
-        return self.engine is not None and self.engine.settings == self._wanted(preset)
+    def _runs_on(self, spec: ModelSpec) -> bool:
+        """Whether the loaded engine is the model ``spec`` names."""
+        return self.engine is not None and self.engine.spec == spec
 
     def _adopt(self, engine: Engine) -> None:
-        if engine.settings == self._wanted(self.active) and not self.active.bypass:
+        if engine.spec == self._wanted and not self.active.bypass:
             self.engine = engine
-            self._log(f"model {engine.settings.id} loaded; preset {self.active.name!r} is live")
+            self._log(f"model {engine.spec.id} loaded; preset {self.active.name!r} is live")
 
-    def _load_failed(self, settings: ModelSettings, error: str, now: float) -> None:
-        self._failed.add(settings)
-        self._log(f"could not load model {settings.id}: {error}")
-        if self._wanted(self.active) == settings and self._engine_ready(self.previous):
+    def _load_failed(self, spec: ModelSpec, error: str, now: float) -> None:
+        self._failed.add(spec)
+        self._log(f"could not load model {spec.id}: {error}")
+        previous = self.previous.model_spec(self.base_model)
+        if self._wanted == spec and self._runs_on(previous):
             self._log(f"back to preset {self.previous.name!r}")
             self._switch(self.previous, now)
 
-    def _start_loading(self, settings: ModelSettings, preset: Preset) -> None:
-        self._loading = settings
-        self._log(f"preset {preset.name!r} needs model {settings.id}: loading, passing through")
+    def _start_loading(self, spec: ModelSpec, preset: Preset) -> None:
+        self._loading = spec
+        self._log(f"preset {preset.name!r} needs model {spec.id}: loading, passing through")
 
         def load() -> None:
             try:
-                engine = self._load(settings, preset)
+                engine = self._load(spec, preset)
             except Exception as exc:  # reported on the status line; the stream goes on
                 with self._lock:
-                    self._load_error = (settings, str(exc) or repr(exc))
+                    self._load_error = (spec, str(exc) or repr(exc))
             else:
                 with self._lock:
                     self._loaded = engine
@@ -196,33 +201,32 @@ class Controller:
 
         threading.Thread(target=load, name="model-loader", daemon=True).start()
 
-    def _run(self, frame: Frame, now: float, bypass: bool) -> Output:
+    def _run(self, frame: Frame, now: float, bypass: bool) -> Result:
         preset = self.active
-        self.fault = None
+        passed = Result(None, frame.captured_at, "pass")
         if bypass or preset.bypass:
             self.mode = "bypass" if bypass else "passthrough"
-            return Output(frame.image, frame.captured_at, "pass")
-        if not self._engine_ready(preset):
-            settings = self._wanted(preset)
-            if settings in self._failed:
-                self.mode = f"model {settings.id} failed to load (passthrough)"
+            return passed
+        if not self._runs_on(self._wanted):
+            spec = self._wanted
+            if spec in self._failed:
+                self.mode = f"model {spec.id} failed to load (passthrough)"
             else:
                 if self._loading is None:
-                    self._start_loading(settings, preset)
-                self.mode = f"loading {settings.id} (passthrough)"
-            return Output(frame.image, frame.captured_at, "pass")
+                    self._start_loading(spec, preset)
+                self.mode = f"loading {spec.id} (passthrough)"
+            return passed
         try:
             image, skipped = self.engine.process(frame.image, now)
         except EngineError as exc:
-            self.fault = exc
             if not self._engine_failed:
                 self._log(f"{exc}; passing frames through until the model recovers")
             self._engine_failed = True
             self.mode = "engine error (passthrough)"
-            return Output(frame.image, frame.captured_at, "pass")
+            return Result(None, frame.captured_at, "pass", classify(exc))
         if self._engine_failed:
             self._log("model recovered")
             self._engine_failed = False
         self.telemetry.model_step(now, skipped)
         self.mode = "crossfade" if self.engine.fading else "styled"
-        return Output(image, frame.captured_at, "skip" if skipped else "model")
+        return Result(image, frame.captured_at, "skip" if skipped else "model")

@@ -10,17 +10,17 @@ import importlib
 import importlib.metadata
 import platform
 from collections.abc import Callable
+from pathlib import Path
 
 from broadcast_filter.control.config import DaemonConfig
+from broadcast_filter.diffusion.spec import ref_kind
 
 Line = tuple[str, str, str]
 
 
 def check_torch() -> list[Line]:
-    try:
-        import torch
-    except ImportError as exc:
-        return [("fail", f"torch cannot be imported ({exc})", "install torch first (README)")]
+    import torch
+
     lines = [("ok", f"torch {torch.__version__}", "")]
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
@@ -46,21 +46,16 @@ def check_versions() -> list[Line]:
             lines.append(("ok", f"{package} {importlib.metadata.version(package)}", ""))
         except importlib.metadata.PackageNotFoundError:
             lines.append(("fail", f"{package} is not installed", "pip install -e ."))
-    try:
-        import av
+    import av
 
-        codec = ".".join(map(str, av.library_versions["libavcodec"]))
-        lines.append(("ok", f"FFmpeg libavcodec {codec} (through PyAV)", ""))
-    except ImportError:
-        pass
+    codec = ".".join(map(str, av.library_versions["libavcodec"]))
+    lines.append(("ok", f"FFmpeg libavcodec {codec} (through PyAV)", ""))
     return lines
 
 
 def check_virtual_camera() -> list[Line]:
-    try:
-        from broadcast_filter.media.sinks import list_virtual_cameras
-    except ImportError as exc:
-        return [("warn", f"virtual camera support cannot be imported ({exc})", "pip install -e .")]
+    from broadcast_filter.media.sinks import list_virtual_cameras
+
     cameras = list_virtual_cameras()
     working = [c for c in cameras if c.available]
     if working:
@@ -80,7 +75,7 @@ def check_ndi() -> list[Line]:
 def check_models(config: DaemonConfig | None) -> list[Line]:
     from huggingface_hub import constants, try_to_load_from_cache
 
-    from broadcast_filter.diffusion.offline import OFFLINE_MODELS, default_cache_dir
+    from broadcast_filter.diffusion.offline import OFFLINE_MODELS, ShippedModel, default_cache_dir
 
     lines = [("ok", f"hub cache: {constants.HF_HUB_CACHE}", "")]
     names = [("model", "stabilityai/sd-turbo"), ("taesd", "madebyollin/taesd")]
@@ -92,9 +87,16 @@ def check_models(config: DaemonConfig | None) -> list[Line]:
     for role, name in names:
         if name is None:
             continue
-        if name in OFFLINE_MODELS:
+        kind = ref_kind(name)
+        if kind == "name" and isinstance(OFFLINE_MODELS.get(name), ShippedModel):
+            lines.append(("ok", f"{role} {name}: offline model, shipped with the package", ""))
+        elif kind == "name" and name in OFFLINE_MODELS:
             lines.append(("ok", f"{role} {name}: offline model, built on first use", ""))
-        elif "/" in name and not name.startswith((".", "/", "~")):
+        elif kind == "name":
+            known = ", ".join(OFFLINE_MODELS)
+            hint = "write a local folder as ./name, a hub model as owner/name"
+            lines.append(("fail", f"{role} {name}: not an offline model ({known})", hint))
+        elif kind == "hub":
             marker = "model_index.json" if role == "model" else "config.json"
             cached = isinstance(try_to_load_from_cache(name, marker), str)
             if role in ("lcm_lora", "lora"):
@@ -102,8 +104,10 @@ def check_models(config: DaemonConfig | None) -> list[Line]:
             hint = "" if cached else f"downloads on first run (or now: hf download {name})"
             level = "ok" if cached else "warn"
             lines.append((level, f"{role} {name}: {'cached' if cached else 'not cached'}", hint))
-        else:
+        elif Path(name).expanduser().exists():
             lines.append(("ok", f"{role} {name}: local path", ""))
+        else:
+            lines.append(("fail", f"{role} {name}: no such file or folder", "fix the path"))
     lines.append(("ok", f"offline models cache: {default_cache_dir()}", ""))
     return lines
 

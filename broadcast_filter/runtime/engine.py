@@ -12,32 +12,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from broadcast_filter.control.config import ModelSettings
 from broadcast_filter.control.presets import Preset, SsfSettings
 from broadcast_filter.control.transitions import Crossfade
-from broadcast_filter.diffusion.accel import Acceleration, accelerate, warm_up
-from broadcast_filter.diffusion.models import ModelSpec, load_models
+from broadcast_filter.diffusion.accel import accelerate, warm_up
+from broadcast_filter.diffusion.models import load_models
 from broadcast_filter.diffusion.similarity import SimilarityFilter
+from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.diffusion.stream import PromptEmbeds, StreamConfig, StreamPipeline
 from broadcast_filter.runtime.frames import FrameTransfer
 
 
 class EngineError(RuntimeError):
     """The model failed on a frame (or produced non-finite values); the frame is passed on."""
-
-
-def model_spec(settings: ModelSettings) -> ModelSpec:
-    """The diffusion loader's spec for a config ``model:`` section."""
-    return ModelSpec(
-        model=settings.id,
-        taesd=settings.taesd,
-        lcm_lora=settings.lcm_lora,
-        loras=settings.loras,
-        device=settings.device,
-        dtype=settings.dtype,
-        single_file_config=settings.single_file_config,
-        cache_dir=settings.cache_dir,
-    )
 
 
 def stream_config(preset: Preset, width: int, height: int) -> StreamConfig:
@@ -53,19 +39,13 @@ def stream_config(preset: Preset, width: int, height: int) -> StreamConfig:
 
 
 def load_engine(
-    settings: ModelSettings, width: int, height: int, preset: Preset, *, progress: bool = True
+    spec: ModelSpec, width: int, height: int, preset: Preset, *, progress: bool = True
 ) -> Engine:
-    """Load the model (downloading with the hub's progress bars), warm up, and condition the
-    engine on ``preset``."""
-    bundle = load_models(model_spec(settings), progress=progress)
-    accel = Acceleration(
-        channels_last=settings.channels_last,
-        attention=settings.attention,
-        compile=settings.compile,
-        cuda_graphs=settings.cuda_graphs,
-    )
-    pipe = StreamPipeline(accelerate(bundle, accel), stream_config(preset, width, height))
-    engine = Engine(pipe, preset, settings)
+    """Load the model (downloading with the hub's progress bars), apply its acceleration,
+    warm up, and condition the engine on ``preset``."""
+    bundle = accelerate(load_models(spec, progress=progress), spec.accel)
+    pipe = StreamPipeline(bundle, stream_config(preset, width, height))
+    engine = Engine(pipe, preset, spec)
     warm_up(pipe, progress=progress)
     return engine
 
@@ -74,9 +54,9 @@ class Engine:
     """One model, one frame size. :meth:`switch` starts a transition; :meth:`process` runs a
     frame; both are called from the same thread."""
 
-    def __init__(self, pipe: StreamPipeline, preset: Preset, settings: ModelSettings | None = None):
+    def __init__(self, pipe: StreamPipeline, preset: Preset, spec: ModelSpec | None = None):
         self.pipe = pipe
-        self.settings = settings
+        self.spec = spec
         self.preset = preset
         cfg = pipe.config
         self._transfer = FrameTransfer(cfg.width, cfg.height, pipe.device, pipe.dtype)

@@ -23,9 +23,22 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 
-from broadcast_filter.control.config import SafetySettings
+from broadcast_filter.setting import setting
 
 ON_AIR_KINDS = ("engine", "fade", "pass", "hold", "slate")
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    """The ``safety:`` section of the daemon config; all need a restart to change."""
+
+    stall_s: float = setting(1.0, lo=0, hi=60, open_lo=True, help="one call longer: pass")
+    restart_after: int = setting(5, lo=1, hi=1000, help="failed calls in a row: rebuild")
+    recover_after: int = setting(3, lo=1, hi=1000, help="good calls in a row: fade back")
+    fade_s: float = setting(0.5, lo=0, hi=10, help="crossfade from input back to the filter")
+    hold_s: float = setting(2.0, lo=0, hi=3600, help="source lost: hold, then a slate")
+    sink_retry_s: float = setting(1.0, lo=0, hi=60, open_lo=True, help="first sink re-open")
+    sink_retry_max_s: float = setting(30.0, lo=0, hi=3600, open_lo=True, help="longest wait")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,189 @@
+"""Building a daemon from a parsed config, top-down: presets, engine, sinks, source, the
+daemon itself, then the OBS bridge (when the config has an ``obs:`` section).
+
+The config was parsed and checked once (:func:`~broadcast_filter.control.config.load_config`);
+everything here takes its parsed objects as they are.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from broadcast_filter.control.config import (
+    ConfigError,
+    DaemonConfig,
+    Issue,
+    SinkSettings,
+    UsageError,
+    line_of,
+)
+from broadcast_filter.control.guard import check_preset_model
+from broadcast_filter.control.obs_bridge import ObsBridge
+from broadcast_filter.control.presets import Preset, PresetLibrary
+from broadcast_filter.diffusion.spec import ModelSpec
+from broadcast_filter.media.base import Sink
+from broadcast_filter.media.network import mask_url
+from broadcast_filter.media.open import open_sink, open_source
+from broadcast_filter.runtime.controller import Controller
+from broadcast_filter.runtime.daemon import Daemon, Limits
+from broadcast_filter.runtime.engine import Engine, load_engine
+from broadcast_filter.runtime.telemetry import StatusLine, Telemetry
+
+
+def open_sinks(
+    sinks: Sequence[SinkSettings], width: int, height: int, fps: float
+) -> list[tuple[str, Sink]]:
+    """Open every sink, or none: on a failure the ones already open are closed again.
+    Each is named by its URL with secrets masked (stream keys never reach the status line)."""
+    opened: list[tuple[str, Sink]] = []
+    try:
+        for settings in sinks:
+            sink = open_sink(settings.url, width=width, height=height, fps=fps, **settings.options)
+            name = mask_url(settings.url)
+            if any(name == n for n, _ in opened):
+                name = f"{name} #{len(opened) + 1}"
+            opened.append((name, sink))
+    except BaseException:
+        for _, sink in opened:
+            sink.close()
+        raise
+    return opened
+
+
+def start_preset(config: DaemonConfig, library: PresetLibrary, name: str | None) -> Preset:
+    """The preset to start with: ``name`` (from ``--preset``), else the config's
+    ``presets.start``, else the first in the folder."""
+    chosen = name or config.presets.start
+    names = library.names()
+    if chosen in library.errors:
+        raise library.errors[chosen]
+    if chosen is not None and chosen in names:
+        return library.get(chosen)
+    folder = config.presets_folder
+    known = f"known in {folder}: {', '.join(names) or 'none'}"
+    if name is not None:
+        raise UsageError(f"--preset {name}: no such preset ({known})")
+    if chosen is not None:
+        line = line_of(config.path, "presets", "start")
+        message = f"no preset named {chosen!r} ({known})"
+        raise ConfigError([Issue(str(config.path), line, "presets.start", message)])
+    if not names:
+        line = line_of(config.path, "presets", "folder")
+        raise ConfigError(
+            [Issue(str(config.path), line, "presets.folder", f"no presets in {folder}")]
+        )
+    return library.get(names[0])
+
+
+def build_daemon(
+    config: DaemonConfig,
+    *,
+    preset: str | None = None,
+    limits: Limits | None = None,
+    status: StatusLine | None = None,
+    progress: bool = True,
+) -> Daemon:
+    """Load presets and model (with progress bars), open sinks, then the source.
+
+    Raises :class:`ConfigError` (exit 2), or :class:`MediaError` / model errors (exit 1).
+    """
+    status = status or StatusLine(sys.stderr)
+    library = PresetLibrary(config.presets_folder)
+    for change in library.scan():
+        if change.error is not None:
+            status.log(str(change.error))
+    first = start_preset(config, library, preset)
+    telemetry = Telemetry(config.fps)
+    w, h = config.width, config.height
+
+    roots = [config.path.parent.resolve(), config.presets_folder]
+    roots += [Path(config.model.cache_dir)] if config.model.cache_dir else []
+
+    def load(spec: ModelSpec, chosen: Preset) -> Engine:
+        check_preset_model(chosen.model, roots)  # ids and paths from a preset file
+        return load_engine(spec, w, h, chosen, progress=False)
+
+    check_preset_model(first.model, roots)
+    engine = load_engine(first.model_spec(config.model), w, h, first, progress=progress)
+    controller = Controller(library, first, engine, config.model, load, telemetry, status.log)
+    telemetry.set_state(preset=first.name, mode="starting", bypass=False)
+    sinks = open_sinks(config.sinks, w, h, config.fps)
+    try:
+        src = config.source
+        source = open_source(src.url, width=w, height=h, fps=config.fps, fit=src.fit, **src.options)
+    except BaseException:
+        for _, sink in sinks:
+            sink.close()
+        raise
+    urls = {name: settings for (name, _), settings in zip(sinks, config.sinks, strict=True)}
+
+    def reopen(name: str) -> Sink:
+        url = urls[name]
+        return open_sink(url.url, width=w, height=h, fps=config.fps, **url.options)
+
+    daemon = Daemon(
+        source,
+        sinks,
+        controller,
+        telemetry,
+        config.fps,
+        limits=limits or Limits(),
+        status=status,
+        safety=config.safety,
+        reopen_sink=reopen,
+    )
+    if getattr(source, "state", None) is not None:  # network and NDI sources say how they are
+        daemon.status_fields["source"] = lambda: source.state
+    daemon.status_fields["config"] = config_watch(config.path, status.log)
+    return daemon
+
+
+def run_daemon(
+    config: DaemonConfig,
+    *,
+    preset: str | None = None,
+    limits: Limits | None = None,
+    status: StatusLine | None = None,
+) -> int:
+    """``broadcast-filter run``: build the daemon, start its OBS bridge, run until stopped;
+    return the exit code."""
+    daemon = build_daemon(config, preset=preset, limits=limits, status=status)
+    start_obs_bridge(config, daemon)
+    return daemon.run()
+
+
+def start_obs_bridge(config: DaemonConfig, daemon: Daemon) -> ObsBridge | None:
+    """With an ``obs:`` section, start the OBS bridge on the daemon's controller, show its
+    state on the status line (``obs connected``) and stop it when the daemon stops."""
+    if config.obs is None:
+        return None
+    bridge = ObsBridge(config.obs, daemon.controller)
+    daemon.status_fields["obs"] = lambda: bridge.state
+    daemon.on_stop.append(lambda: bridge.stop(timeout=0.5))
+    return bridge.start()
+
+
+def config_watch(path: Path, log: Callable[[str], None]) -> Callable[[], str | None]:
+    """A status field that says when the daemon config changed on disk after the start:
+    it is read once, so the change needs a restart (presets, by contrast, reload live)."""
+
+    def mtime() -> float | None:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return None
+
+    started, told = mtime(), []
+
+    def state() -> str | None:
+        if mtime() == started:
+            return None
+        message = f"{path.name} changed on disk: restart to apply it"
+        if not told:
+            told.append(True)
+            log(f"{path}: changed on disk; the daemon config is read at start, restart to apply it")
+        return message
+
+    return state
