@@ -16,6 +16,7 @@ from broadcast_filter.control.config import ConfigError, SinkSettings, UsageErro
 from broadcast_filter.control.obs_cli import add_obs_parser
 from broadcast_filter.control.presets import PresetLibrary, load_preset
 from broadcast_filter.media.base import MediaError
+from broadcast_filter.quiet import quiet_third_party
 from broadcast_filter.runtime.doctor import run_checks
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -58,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--frames must be at least 1")
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration must be positive")
+    quiet_third_party()  # before the model libraries are imported
     from broadcast_filter.runtime.build import run_daemon  # imports torch: after the checks
     from broadcast_filter.runtime.daemon import Limits
 

@@ -39,7 +39,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from broadcast_filter.diffusion.demo_data import TRAIN_SEED, procedural_images
 from broadcast_filter.diffusion.demo_styles import STYLES
-from broadcast_filter.diffusion.offline import DEMO_SCHEDULER, build_tokenizer
+from broadcast_filter.diffusion.offline import (
+    DEMO_SCHEDULER,
+    build_tokenizer,
+    save_tiny_autoencoder,
+)
 
 DEMO_TAESD = {
     "encoder_block_out_channels": (16, 16, 16, 16),
@@ -219,7 +223,7 @@ def write_folder(
     unet.save_pretrained(out / "unet")
     text_encoder.save_pretrained(out / "text_encoder")
     LCMScheduler(**DEMO_SCHEDULER).save_pretrained(out / "scheduler")
-    ae.save_pretrained(out / "taesd")
+    save_tiny_autoencoder(ae, out / "taesd")
     shutil.copytree(out / "taesd", out / "vae", dirs_exist_ok=True)
     index = {
         "_class_name": "StableDiffusionPipeline",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from broadcast_filter.runtime.frames import FrameTransfer
@@ -36,15 +35,6 @@ def test_download_rounds_and_clamps():
     assert flat[: len(values)].tolist() == [0, 0, 0, 1, 128, 255, 255]
 
 
-def test_a_different_source_size_is_resized_on_the_device():
-    transfer = FrameTransfer(32, 32, torch.device("cpu"), torch.float32, source_size=(64, 48))
-    image = rgb(48, 64, seed=3)
-    tensor = transfer.upload(image)
-    source = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    expected = F.interpolate(source, size=(32, 32), mode="bilinear", antialias=True)
-    torch.testing.assert_close(tensor, expected)
-
-
 def test_frame_buffer_of_two_and_shape_errors():
     transfer = FrameTransfer(16, 16, torch.device("cpu"), torch.float32, frames=2)
     batch = np.stack([rgb(16, 16, 1), rgb(16, 16, 2)])
@@ -61,11 +51,9 @@ def test_download_returns_an_array_the_caller_owns():
     np.testing.assert_array_equal(first, kept)
 
 
-@pytest.mark.parametrize("source_size", [None, (96, 54)], ids=["same-size", "resized"])
-def test_steady_state_upload_and_download_allocate_no_tensors(source_size):
-    transfer = FrameTransfer(64, 64, torch.device("cpu"), torch.float32, source_size=source_size)
-    w, h = source_size or (64, 64)
-    image = rgb(h, w)
+def test_steady_state_upload_and_download_allocate_no_tensors():
+    transfer = FrameTransfer(64, 64, torch.device("cpu"), torch.float32)
+    image = rgb(64, 64)
     transfer.download(transfer.upload(image))  # first call may set up kernels
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for _ in range(3):

@@ -28,6 +28,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from tqdm.auto import tqdm
 
+from broadcast_filter.diffusion.offline import default_cache_dir
 from broadcast_filter.diffusion.spec import Acceleration
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 def use_compile_cache(folder: str | Path | None = None) -> Path:
     """Point Inductor's compiled-kernel cache at a persistent folder (default: ours)."""
     if folder is None:
-        from broadcast_filter.diffusion.offline import default_cache_dir
-
         folder = default_cache_dir().parent / "inductor"
     path = Path(folder).expanduser()
     path.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 # Bump when a builder or config changes: folders written by another version are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: tiny autoencoder configs without block_out_channels
 MARKER = "broadcast_filter_offline.json"
 
 # The noise schedule shared by SD 1.5 / 2.x (what LCMScheduler.from_config sees).
@@ -296,9 +296,18 @@ def _build(spec: OfflineModel, out: Path, name: str, progress: bool) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
-    parts["taesd"].save_pretrained(out / "taesd")
+    save_tiny_autoencoder(parts["taesd"], out / "taesd")
     marker = {"name": name, "build_version": BUILD_VERSION, "seed": spec.seed}
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def save_tiny_autoencoder(model: AutoencoderTiny, folder: Path) -> None:
+    """``save_pretrained`` without the ``block_out_channels`` key diffusers adds to an
+    ``AutoencoderTiny`` config for pipelines' use (and then warns about on every load)."""
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("block_out_channels", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _bytes_to_unicode() -> list[str]:

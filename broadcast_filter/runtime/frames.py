@@ -3,7 +3,7 @@
 :class:`FrameTransfer` owns every buffer it needs, allocated once for one input size:
 the uint8 frame is copied into a (pinned, on CUDA) host buffer, uploaded as uint8 (4x less
 traffic than float), turned into the pipeline's ``(F, 3, H, W)`` float tensor in ``[0, 1]``
-on the device (resized there when the source size differs), and the output goes back the
+on the device, and the output goes back the
 same way: scaled to uint8 on the device, one download. Constants are preallocated tensors
 too, so a steady-state frame allocates nothing (``tests/test_frames.py`` counts).
 """
@@ -25,23 +25,14 @@ class FrameTransfer:
         dtype: torch.dtype,
         *,
         frames: int = 1,
-        source_size: tuple[int, int] | None = None,
     ) -> None:
         self.width, self.height, self.frames = width, height, frames
         self.device, self.dtype = torch.device(device), dtype
-        src_w, src_h = source_size or (width, height)
-        self.source_size = (src_w, src_h)
         pin = self.device.type == "cuda"
         f = frames
-        self._host_in = torch.empty((f, src_h, src_w, 3), dtype=torch.uint8, pin_memory=pin)
+        self._host_in = torch.empty((f, height, width, 3), dtype=torch.uint8, pin_memory=pin)
         self._dev_in = self._on_device(self._host_in)
-        self._source = torch.empty((f, 3, src_h, src_w), device=self.device, dtype=dtype)
-        resized = (src_w, src_h) != (width, height)
-        self._input = (
-            torch.empty((f, 3, height, width), device=self.device, dtype=dtype)
-            if resized
-            else self._source
-        )
+        self._input = torch.empty((f, 3, height, width), device=self.device, dtype=dtype)
         self._scaled = torch.empty((f, 3, height, width), device=self.device, dtype=dtype)
         self._dev_out = torch.empty((f, height, width, 3), device=self.device, dtype=torch.uint8)
         self._host_out = (
@@ -58,8 +49,7 @@ class FrameTransfer:
 
     def upload(self, images: np.ndarray) -> torch.Tensor:
         """The model input for ``images``; the returned tensor is reused by the next call."""
-        src_w, src_h = self.source_size
-        expected = (self.frames, src_h, src_w, 3)
+        expected = (self.frames, self.height, self.width, 3)
         batch = images[None] if images.ndim == 3 else images
         if batch.shape != expected or batch.dtype != np.uint8:
             raise ValueError(
@@ -69,11 +59,7 @@ class FrameTransfer:
         self._host_in.numpy()[...] = batch
         if self._dev_in is not self._host_in:
             self._dev_in.copy_(self._host_in, non_blocking=True)
-        self._source.copy_(self._dev_in.permute(0, 3, 1, 2)).mul_(self._inv255)
-        if self._input is not self._source:
-            torch.ops.aten._upsample_bilinear2d_aa.out(
-                self._source, [self.height, self.width], False, None, None, out=self._input
-            )
+        self._input.copy_(self._dev_in.permute(0, 3, 1, 2)).mul_(self._inv255)
         return self._input
 
     def download(self, output: torch.Tensor) -> np.ndarray:
