@@ -27,6 +27,7 @@ import obsws_python
 from obsws_python.error import OBSSDKError, OBSSDKRequestError, OBSSDKTimeoutError
 from obsws_python.subs import Subs
 
+from broadcast_filter.backoff import Backoff
 from broadcast_filter.control.commands import Commands
 from broadcast_filter.control.obs_settings import ObsSettings
 
@@ -206,7 +207,7 @@ class ObsBridge:
 
     def _run(self) -> None:
         self._check_presets()
-        delay = RETRY_FIRST_S
+        backoff = Backoff(RETRY_FIRST_S, max(RETRY_FIRST_S, self.settings.reconnect_max_s))
         while not self._stop.is_set():
             self.state = "connecting"
             try:
@@ -220,13 +221,12 @@ class ObsBridge:
                 continue
             except Exception as err:  # refused, reset, timeout: OBS not there (yet)
                 message = f"no OBS websocket at {self.settings.host}:{self.settings.port} ({err})"
-                (log.warning if delay == RETRY_FIRST_S else log.debug)("%s; retrying", message)
+                (log.warning if backoff.attempt == 0 else log.debug)("%s; retrying", message)
                 self.state, self.error = "disconnected", message
                 self._disconnect()
-                self._stop.wait(delay)
-                delay = min(2 * delay, self.settings.reconnect_max_s)
+                self._stop.wait(backoff.step())
                 continue
-            delay = RETRY_FIRST_S
+            backoff.reset()
             self.state, self.error = "connected", None
             log.info("connected to OBS at %s:%s", self.settings.host, self.settings.port)
             try:
