@@ -62,6 +62,15 @@ def test_demo_writes_the_frames_asked_for_and_they_are_styled(tmp_path, cli_env)
     assert "[neon_edges | styled]" in result.stderr and "latency p50" in result.stderr
     assert "frames out 24 (--frames 24)" in result.stderr
     assert "warm-up" in result.stderr  # the progress bar
+    # a normal start prints only our lines: no library notes or bars we cannot act on
+    for noise in ("torchvision", "block_out_channels", "Loading weights", "Please verify"):
+        assert noise not in result.stderr, noise
+    ours = ("[neon_edges |", "warm-up")
+    assert all(
+        line.strip().startswith(ours)
+        for line in result.stderr.replace("\r", "\n").splitlines()
+        if line.strip()
+    ), result.stderr
 
 
 def start_running(cwd: Path, env: dict[str, str], *outputs: str) -> tuple[subprocess.Popen, list]:

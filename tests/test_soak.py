@@ -120,7 +120,7 @@ def run_soak(seconds: float, seed: int = 6) -> dict:
     daemon.controller._load = lambda settings, preset: FaultyEngine(rng, injected)
     daemon.safety = SAFETY
     daemon.watchdog.policy = SAFETY
-    daemon._reopen = lambda name: FlakySink(rng, injected)
+    daemon.sinks.reopen = lambda name: FlakySink(rng, injected)
     process = psutil.Process()
     samples: list[tuple[float, int, int, int]] = []  # time, RSS, threads, open fds
 

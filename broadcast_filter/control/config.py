@@ -517,6 +517,17 @@ class DaemonConfig:
 DAEMON = schema_of(DaemonConfig, exclude=("path",), checks={"model": model_section()})
 
 
+def load_obs_settings(path: str | Path) -> ObsSettings | None:
+    """The ``obs:`` section of a daemon config, checked with the rest of the file as
+    :func:`load_config` checks it, except that ``model`` and ``sinks`` may be left out (an
+    ``obs setup`` file may hold only the OBS section)."""
+    relaxed = {
+        k: dataclasses.replace(f, default=None) if f.default is REQUIRED else f
+        for k, f in DAEMON.fields.items()
+    }
+    return load_section(Path(path), Section(relaxed, lambda **v: v["obs"]))
+
+
 def load_config(path: str | Path) -> DaemonConfig:
     """Read and check a daemon YAML file; raise :class:`ConfigError` naming file and line."""
     path = Path(path)

@@ -13,7 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from broadcast_filter.control.config import OBS, ConfigError, UsageError, check_value, load_config
+from broadcast_filter.control.config import (
+    OBS,
+    ConfigError,
+    UsageError,
+    check_value,
+    load_obs_settings,
+)
 from broadcast_filter.control.obs_bridge import ObsAuthError, connect, quiet_obsws_logging
 from broadcast_filter.control.obs_settings import ObsSettings
 from broadcast_filter.control.obs_setup import describe, plan_setup
@@ -45,7 +51,7 @@ def settings_from_args(args: argparse.Namespace) -> ObsSettings:
     command-line options on top; ``ConfigError`` / ``UsageError`` name what is wrong."""
     settings = ObsSettings()
     if args.config is not None:
-        settings = load_config(args.config).obs or settings
+        settings = load_obs_settings(args.config) or settings
     changes: dict[str, Any] = {}
     for key in ("host", "port", "password"):
         if getattr(args, key) is not None:
