@@ -14,8 +14,10 @@ Latency is printed (``-s``) and bounded only loosely (:data:`MAX_MEDIAN_MS`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ import peers
 import pytest
 from conftest import require_tool
 
+from broadcast_filter.media import portable
 from broadcast_filter.media.base import SINKS, SOURCES, Source, SourceLost
 from broadcast_filter.media.network import (
     RtmpSink,
@@ -535,3 +538,120 @@ def test_srt_sink_caller_reaches_an_ffmpeg_cli_listener():
     assert received.duplicates() == [] and received.in_order(), received.counters
     assert_delivered(after, sent=range(10_000, 10_090), dropped=sink.dropped, lossless=False,
                      label="SrtSink -> ffmpeg CLI listener")  # fmt: skip
+
+
+# ---------------------------------------------------------------- without the Linux extras
+
+HOST = """
+import json, sys, threading, time
+import numpy as np
+from broadcast_filter.media.network import SrtSink, SrtSource
+source = SrtSource(sys.argv[1])
+sink = SrtSink(sys.argv[2], width=64, height=64, fps=30)
+threading.Thread(target=lambda: [None for _ in source.frames()], daemon=True).start()
+while source._supervisor.pid is None or sink._supervisor.pid is None:
+    time.sleep(0.05)
+print(json.dumps([source._supervisor.pid, sink._supervisor.pid]), flush=True)
+while True:
+    sink.send(np.zeros((64, 64, 3), np.uint8))
+    time.sleep(1 / 30)
+"""
+
+
+def descendants(pid: int) -> list:
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def argv0(process) -> str:
+    import psutil
+
+    with contextlib.suppress(psutil.Error, IndexError):
+        return process.cmdline()[0]
+    return ""
+
+
+def gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def no_linux_extras(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The portable paths only: no F_SETPIPE_SZ, no PDEATHSIG, no setpriv (children inherit
+    the environment, so the I/O processes and their bridges run without them too)."""
+    monkeypatch.setenv(portable.NO_LINUX_EXTRAS, "1")
+    assert not portable.linux_extras()
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_without_linux_extras_frames_flow_through_source_and_sink(no_linux_extras):
+    require_tool("ffmpeg"), require_tool("srt-live-transmit")
+    port = peers.free_port(peers.socket.SOCK_DGRAM)
+    collector = Collector(SrtSource(f"srt://:{port}?mode=listener&latency=20"))
+    try:
+        wait_state(collector.source, "waiting for publisher")
+        wait_until(lambda: peers.udp_bound(port), 20, "srt-live-transmit to bind the port")
+        bridges = [p for p in descendants(collector.source._supervisor.pid)
+                   if "srt-live-transmit" in " ".join(p.cmdline())]  # fmt: skip
+        assert bridges and all("setpriv" not in p.cmdline()[0] for p in bridges)
+        assert any("broadcast_filter.media.portable" in p.cmdline() for p in bridges)
+        url = f"srt://127.0.0.1:{port}?mode=caller&latency=20000&pkt_size=1316"
+        publisher(url, "mpegts", frames=90, via="ffmpeg").wait(60)
+        settle(collector)
+        assert_delivered(collector.received, sent=range(90), lossless=False,
+                         dropped=collector.source.dropped,
+                         label="portable: ffmpeg CLI -> SRT listener source")  # fmt: skip
+    finally:
+        collector.close()
+    out = peers.free_port(peers.socket.SOCK_DGRAM)
+    watcher = reader(f"udp://127.0.0.1:{out}", "mpegts")
+    wait_until(lambda: peers.udp_bound(out), 30, "the reader to bind its port")
+    with UdpSink(f"udp://127.0.0.1:{out}", width=SIZE[0], height=SIZE[1], fps=FPS) as sink:
+        wait_state(sink, "live")
+        send_frames(sink, 90)
+    assert_delivered(reader_result(watcher), sent=range(90), dropped=sink.dropped,
+                     lossless=False, label="portable: UdpSink -> PyAV reader")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_without_linux_extras_io_processes_and_bridges_die_with_a_killed_daemon(
+    no_linux_extras,
+):
+    """With no PDEATHSIG and no setpriv: SIGKILL an ingest process, and its srt-live-transmit
+    bridge goes (the bridge's watcher sees its stdin end); SIGKILL the process that owns an
+    SRT source and an SRT sink, and its ingest and egress processes and their bridges go
+    (each watches the end of its stdin)."""
+    require_tool("srt-live-transmit")
+    ports = [peers.free_port(peers.socket.SOCK_DGRAM) for _ in range(2)]
+    argv = [sys.executable, "-c", HOST, f"srt://:{ports[0]}?mode=listener",
+            f"srt://127.0.0.1:{ports[1]}?mode=caller"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    host = peers.spawn(argv, stdout=subprocess.PIPE, text=True, env=env)
+    ingest_pid, _ = json.loads(host.stdout.readline())
+
+    def bridges(pid: int) -> list:
+        return [p for p in descendants(pid) if argv0(p).endswith("srt-live-transmit")]
+
+    wait_until(lambda: len(bridges(host.pid)) == 2, 30, "both srt-live-transmit bridges")
+    # an I/O process killed outright (no finally runs): its bridge still goes
+    first = bridges(ingest_pid)
+    os.kill(ingest_pid, signal.SIGKILL)
+    wait_until(lambda: all(gone(p.pid) for p in first), 30,
+               "the killed ingest process's bridge to exit")  # fmt: skip
+    wait_until(lambda: len(bridges(host.pid)) == 2, 60, "the restarted ingest's bridge")
+    # the daemon killed outright: every I/O process and bridge goes
+    pids = [p.pid for p in descendants(host.pid)]
+    os.kill(host.pid, signal.SIGKILL)
+    host.wait(10)
+    wait_until(lambda: all(gone(pid) for pid in pids), 30,
+               f"the I/O processes and bridges {pids} to exit")  # fmt: skip
