@@ -109,6 +109,8 @@ class Received:
     counters: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     sizes: set[tuple[int, int]] = field(default_factory=set)
+    #: every decoded frame, stamp readable or not
+    frames: int = 0
 
     def add(self, image: np.ndarray, at_us: int | None = None) -> None:
         found = read_stamp(image)
@@ -116,6 +118,20 @@ class Received:
             self.counters.append(found[0])
             self.latencies.append(latency_ms(found[1], at_us))
             self.sizes.add((image.shape[1], image.shape[0]))
+
+    def since(self, counter: int) -> Received:
+        """The frames whose counter is at least ``counter``."""
+        keep = [i for i, c in enumerate(self.counters) if c >= counter]
+        return Received([self.counters[i] for i in keep], [self.latencies[i] for i in keep],
+                        set(self.sizes), len(keep))  # fmt: skip
+
+    def duplicates(self) -> list[int]:
+        """Counters seen more than once."""
+        return sorted({c for c in self.counters if self.counters.count(c) > 1})
+
+    def in_order(self) -> bool:
+        """Each counter is larger than the one before: nothing reordered or repeated."""
+        return all(a < b for a, b in zip(self.counters, self.counters[1:], strict=False))
 
     def gaps(self) -> list[tuple[int, int]]:
         """Pairs of consecutive counters that are not +1 (loss or reordering)."""
@@ -137,6 +153,24 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+#: every peer process started through :func:`spawn`, stopped by :func:`stop_all`
+STARTED: list[subprocess.Popen] = []
+
+
+def spawn(argv: list[str], **kwargs) -> subprocess.Popen:
+    """Start a peer process and remember it, so :func:`stop_all` (a test's teardown) stops it
+    even when the test fails half way."""
+    proc = subprocess.Popen(argv, **kwargs)
+    STARTED.append(proc)
+    return proc
+
+
+def stop_all() -> None:
+    """Stop every peer :func:`spawn` started (by PID) that is still running."""
+    while STARTED:
+        stop(STARTED.pop())
 
 
 def stop(proc: subprocess.Popen, grace: float = 3.0) -> None:
@@ -191,7 +225,7 @@ class Nginx:
 
     def start(self) -> Nginx:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"), "-e", "stderr"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -218,6 +252,16 @@ class Nginx:
 
 
 # ---------------------------------------------------------------- publishers and readers
+
+
+def udp_bound(port: int) -> bool:
+    """Whether something has bound 127.0.0.1:``port`` (UDP): a reader is ready to receive."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 def publish(
@@ -289,7 +333,7 @@ def _publish_ffmpeg(url, fmt, pictures, frames, fps, size, start) -> int:
         "-preset", "ultrafast", "-tune", "zerolatency", "-g", str(round(fps)), "-b:v", "2M",
         "-pix_fmt", "yuv420p", "-f", fmt, url,
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None
     try:
         for i in _paced(frames, fps):
@@ -306,8 +350,12 @@ def _publish_ffmpeg(url, fmt, pictures, frames, fps, size, start) -> int:
     return frames
 
 
-def read(url: str, fmt: str, seconds: float) -> Received:
-    """Decode a stream with PyAV alone (independent of our sources) and collect stamps."""
+def read(url: str, fmt: str, seconds: float, *, until_end: float = 0.0) -> Received:
+    """Decode a stream with PyAV alone (independent of our sources) and collect stamps.
+
+    It reads for ``seconds`` at most. With ``until_end`` it stops earlier, at the end of the
+    stream once frames have arrived: an RTMP end of stream, or ``until_end`` seconds without
+    data (UDP has no end), so a slow start or a loaded CPU never cuts the stream short."""
     import av
     import av.error
 
@@ -316,15 +364,20 @@ def read(url: str, fmt: str, seconds: float) -> Received:
     options = {"probesize": "32768", "analyzeduration": "0"}
     if fmt == "mpegts":
         options |= {"overrun_nonfatal": "1", "fifo_size": "50000"}
+    read_timeout = until_end or 1.0
     while time.monotonic() < deadline:
         try:
-            with av.open(url, format=fmt, options=options, timeout=(3.0, 1.0)) as container:
+            timeout = (3.0, read_timeout)
+            with av.open(url, format=fmt, options=options, timeout=timeout) as container:
                 for frame in container.decode(video=0):
                     received.add(frame.to_ndarray(format="gray"))
+                    received.frames += 1
                     if time.monotonic() > deadline:
                         break
         except av.error.FFmpegError:
             time.sleep(0.1)
+        if until_end and received.frames:
+            break
     return received
 
 
@@ -335,10 +388,12 @@ class FfmpegSrtReader:
         self.size = size
         self.received = Received()
         url = f"srt://127.0.0.1:{port}?mode=listener&latency=20000"
+        # -fps_mode passthrough: hand over each decoded frame once, as it came; the default
+        # (cfr for rawvideo) duplicates and drops frames to fit a constant rate.
         argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-probesize", "32768",
-                "-analyzeduration", "0", "-i", url, "-f", "rawvideo", "-pix_fmt", "gray",
-                "-"]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                "-analyzeduration", "0", "-i", url, "-fps_mode", "passthrough",
+                "-f", "rawvideo", "-pix_fmt", "gray", "-"]  # fmt: skip
+        self.proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -349,15 +404,21 @@ class FfmpegSrtReader:
             if len(data) == width * height:
                 gray = np.frombuffer(data, np.uint8).reshape(height, width)
                 self.received.add(gray)
+                self.received.frames += 1
 
-    def stop(self) -> Received:
+    def stop(self, wait: float = 0.0) -> Received:
+        """Stop it, first waiting up to ``wait`` s for it to end by itself (the caller hung
+        up: ffmpeg decodes what it has and exits)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(wait)
         stop(self.proc)
         self._thread.join(5)
         return self.received
 
 
-def ndi_send(name: str, *, frames: int, fps: float, size: tuple[int, int], start: int = 0) -> None:
-    """Publish stamped frames with our NdiSink, paced at ``fps`` (run it in its own process)."""
+def ndi_send(name: str, *, frames: int, fps: float, size: tuple[int, int], start: int = 0) -> int:
+    """Publish stamped frames with our NdiSink, paced at ``fps`` (run it in its own process);
+    return how many the sink dropped (newest frame wins)."""
     from broadcast_filter.media.ndi import NdiSink
 
     pictures = Pictures(*size)
@@ -365,9 +426,13 @@ def ndi_send(name: str, *, frames: int, fps: float, size: tuple[int, int], start
         for i in _paced(frames, fps):
             sink.send(pictures.get(start + i))
         time.sleep(0.2)
+    return sink.dropped
 
 
 def main() -> None:
+    # SIGTERM (peers.stop) must run the finally blocks, which stop this script's own ffmpeg:
+    # otherwise an ffmpeg listener still waiting for a caller outlives us
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pub = sub.add_parser("publish")
@@ -388,17 +453,19 @@ def main() -> None:
     rd.add_argument("--url", required=True)
     rd.add_argument("--format", required=True)
     rd.add_argument("--seconds", type=float, default=5.0)
+    rd.add_argument("--until-end", type=float, default=0.0)
     args = parser.parse_args()
     size = tuple(int(v) for v in getattr(args, "size", "0x0").split("x"))
     if args.command == "ndi-send":
-        ndi_send(args.name, frames=args.frames, fps=args.fps, size=size, start=args.start)
+        dropped = ndi_send(args.name, frames=args.frames, fps=args.fps, size=size, start=args.start)
+        print(json.dumps({"dropped": dropped}), flush=True)
     elif args.command == "publish":
         publish(args.url, args.format, frames=args.frames, fps=args.fps, size=size,
                 start=args.start, via=args.via)  # fmt: skip
     else:
-        got = read(args.url, args.format, args.seconds)
+        got = read(args.url, args.format, args.seconds, until_end=args.until_end)
         print(json.dumps({"counters": got.counters, "latencies": got.latencies,
-                          "sizes": sorted(got.sizes)}))  # fmt: skip
+                          "sizes": sorted(got.sizes), "frames": got.frames}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def ffmpeg_listener(url: str, out: Path, *, listen_flag: bool) -> subprocess.Pop
     """The ffmpeg CLI receiving ``url`` and copying the H.264 stream (untouched) into ``out``."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", *(["-listen", "1"] * listen_flag),
             "-i", url, "-c", "copy", "-frames:v", "20", "-y", str(out)]  # fmt: skip
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    return peers.spawn(argv, stdin=subprocess.DEVNULL)  # stopped at teardown, by PID
 
 
 NETWORK = {
@@ -89,6 +89,7 @@ NETWORK = {
 
 
 @pytest.mark.slow
+@pytest.mark.peers
 @pytest.mark.parametrize(("fps", "exact"), RATES)
 @pytest.mark.parametrize("kind", list(NETWORK))
 def test_network_sinks_send_the_exact_rate(tmp_path, kind, fps, exact):
@@ -113,5 +114,6 @@ def test_network_sinks_send_the_exact_rate(tmp_path, kind, fps, exact):
         if listener.poll() is None:
             listener.send_signal(signal.SIGINT)
         peers.stop(listener)
+        peers.stop_all()
     assert listener.returncode == 0, f"ffmpeg exit {listener.returncode}; sink: {sink.state}"
     assert rates_of(out)[0] == exact

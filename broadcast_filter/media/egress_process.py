@@ -68,22 +68,42 @@ def open_output(spec: dict) -> tuple[av.container.OutputContainer, av.VideoStrea
     return container, stream
 
 
+class Drops:
+    """Reports the buffer's running drop count to the daemon whenever it has changed: while
+    live (before each frame) and while connecting or waiting to retry (every half second),
+    so frames dropped during an outage are counted too."""
+
+    def __init__(self, buffer: JitterBuffer[Item], report: BinaryIO) -> None:
+        self.buffer, self.report, self.sent = buffer, report, 0
+
+    def update(self) -> None:
+        if (dropped := self.buffer.dropped) != self.sent:
+            self.sent = dropped
+            wire.write_drops(self.report, dropped)
+
+    def wait(self, delay: float) -> None:
+        """Sleep ``delay`` s (less if the buffer closes), reporting drops meanwhile."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            self.update()
+            if self.buffer.wait_closed(min(left, 0.5)):
+                break
+        self.update()
+
+
 def send(
     container: av.container.OutputContainer,
     stream: av.VideoStream,
     buffer: JitterBuffer[Item],
     fps: float,
-    report: BinaryIO,
+    drops: Drops,
 ) -> None:
     """Encode and mux frames until the buffer closes; pts follow the time each frame was sent."""
     rate = float(frame_rate(fps))
     t0: float | None = None
     pts = -1
-    dropped = buffer.dropped
     while (item := buffer.take()) is not None:
-        if buffer.dropped != dropped:
-            dropped = buffer.dropped
-            wire.write_drops(report, dropped)
+        drops.update()
         image, sent_at = item
         t0 = sent_at if t0 is None else t0
         pts = max(pts + 1, round((sent_at - t0) * rate))
@@ -96,7 +116,9 @@ def send(
 def egress(spec: dict, buffer: JitterBuffer[Item], report: BinaryIO) -> None:
     label = spec["label"]
     backoff = Backoff(*spec["backoff"])
+    drops = Drops(buffer, report)
     while not buffer.closed:
+        drops.update()
         wire.write_text(report, wire.STATE, wire.CONNECTING, f"connecting to {label}")
         container = None
         live = False
@@ -106,14 +128,14 @@ def egress(spec: dict, buffer: JitterBuffer[Item], report: BinaryIO) -> None:
             live = True
             backoff.reset()
             wire.write_text(report, wire.STATE, wire.LIVE, "live")
-            send(container, stream, buffer, spec["fps"], report)
+            send(container, stream, buffer, spec["fps"], drops)
         except (av.error.FFmpegError, OSError) as exc:
             what = "lost" if live else "cannot connect"
             code = wire.LOST if live else wire.CONNECTING
             delay = backoff.step()
             text = f"{what} ({reason(exc)}), retrying in {delay:g}s"
             wire.write_text(report, wire.STATE, code, text)
-            buffer.wait_closed(delay)
+            drops.wait(delay)
         finally:
             if container is not None:
                 with contextlib.suppress(av.error.FFmpegError, OSError):

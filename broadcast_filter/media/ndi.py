@@ -79,7 +79,12 @@ def _matches(full_name: str, wanted: str) -> bool:
 class NdiSource(Source):
     """Receive an NDI source by name; ``frames()`` raises SourceLost after ``lost_after``
     seconds without video, and picks the sender up again when called once more
-    (NDI reconnects by name by itself, ~5 s after a sender restarts)."""
+    (NDI reconnects by name by itself, ~5 s after a sender restarts).
+
+    What it promises: every video frame the NDI receiver hands over is yielded, in order.
+    A consumer slower than the sender makes the NDI runtime's receive queue drop frames;
+    the runtime counts them (``recv_get_performance``) and so does :attr:`dropped`, which
+    ``state`` (the daemon's status field) shows."""
 
     kind = "ndi"
 
@@ -100,10 +105,21 @@ class NdiSource(Source):
         self._receiver = None
         self._closed = threading.Event()
         self._index = 0
+        self._dropped_before = 0  # by receivers already destroyed
+
+    @property
+    def dropped(self) -> int:
+        """Video frames the NDI runtime dropped before we captured them."""
+        receiver = self._receiver
+        if receiver is None:
+            return self._dropped_before
+        _, dropped = ndi_lib().recv_get_performance(receiver)
+        return self._dropped_before + int(dropped.video_frames)
 
     @property
     def state(self) -> str:
-        return self._state
+        dropped = self.dropped
+        return f"{self._state}, {dropped} dropped" if dropped else self._state
 
     def _find(self):
         ndi = ndi_lib()
@@ -176,13 +192,18 @@ class NdiSource(Source):
     def close(self) -> None:
         self._closed.set()
         if self._receiver is not None:
+            self._dropped_before = self.dropped
             ndi_lib().recv_destroy(self._receiver)
             self._receiver = None
         self._state = "closed"
 
 
 class NdiSink(Sink):
-    """Publish frames as the NDI source ``NAME``; a worker thread sends the newest frame."""
+    """Publish frames as the NDI source ``NAME``; a worker thread sends the newest frame.
+
+    What it promises: ``send()`` never waits for the network; a frame that is replaced
+    before the worker sent it is dropped and counted in :attr:`dropped` (shown in
+    ``state``). The newest frame is always sent, also the last one before ``close()``."""
 
     kind = "ndi"
 
@@ -217,7 +238,8 @@ class NdiSink(Sink):
     def state(self) -> str:
         """How many receivers watch this source."""
         count = ndi_lib().send_get_no_connections(self._sender, 0)
-        return f"live, {count} receiver{'s' if count != 1 else ''}"
+        text = f"live, {count} receiver{'s' if count != 1 else ''}"
+        return f"{text}, {self.dropped} dropped" if self.dropped else text
 
     def send(self, image: np.ndarray) -> None:
         self.check(image)

@@ -9,7 +9,10 @@ or macOS, so each has a portable fallback that always runs:
 * pipes keep the system's default size (64 KiB): frames cross in more syscalls, nothing else;
 * an I/O process treats end of stdin as "the daemon is gone" (:func:`exit_when_stdin_closes`
   for the ingest process; the egress process ends at end of stdin anyway), and stops its
-  bridge before it exits (SIGTERM, a normal exit and the stdin watch all do).
+  bridge before it exits (SIGTERM, a normal exit and the stdin watch all do);
+* the bridge runs under a small watcher (``python -m broadcast_filter.media.portable --
+  ARGV``) whose stdin is a pipe from the I/O process: when that closes, because the I/O
+  process exited or was killed (even SIGKILL), the watcher stops the bridge and exits.
 
 ``BROADCAST_FILTER_NO_LINUX_EXTRAS=1`` in the environment switches the Linux extras off (the
 tests run the network source and sink that way); children inherit it.
@@ -77,10 +80,29 @@ def exit_on_sigterm() -> None:
 
 
 def bridge_argv(argv: list[str]) -> list[str]:
-    """``argv`` for a helper of an I/O process; on Linux it dies with it (``setpriv``)."""
+    """``argv`` for a helper of an I/O process, which must be started with ``stdin=PIPE``
+    (and the pipe kept open): it dies with the I/O process. On Linux through ``setpriv
+    --pdeathsig``; elsewhere (or with the extras off) through the stdin watcher."""
     if linux_extras() and shutil.which("setpriv"):
         return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
-    return argv
+    return [sys.executable, "-m", "broadcast_filter.media.portable", "--", *argv]
+
+
+def watch(argv: list[str]) -> int:
+    """Run ``argv`` until it exits, or until our stdin ends or SIGTERM comes: then stop it
+    (by PID) and return. Our exit status is the helper's."""
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def until_stdin_closes() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while sys.stdin.buffer.read(4096):
+                pass
+        stop_process(child)
+
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    threading.Thread(target=until_stdin_closes, name="stdin watch", daemon=True).start()
+    code = child.wait()
+    return code if code >= 0 else 128 - code
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 3.0) -> None:
@@ -97,3 +119,7 @@ def stop_process(proc: subprocess.Popen, grace: float = 3.0) -> None:
         except subprocess.TimeoutExpired:
             continue
     proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(watch(sys.argv[sys.argv.index("--") + 1 :]))

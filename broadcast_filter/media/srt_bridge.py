@@ -36,4 +36,6 @@ def start_srt_bridge(srt_url: str, udp_port: int, *, inbound: bool) -> subproces
     """Run the bridge: inbound SRT -> ``udp://127.0.0.1:PORT``, outbound ``udp://:PORT`` -> SRT."""
     udp = f"udp://127.0.0.1:{udp_port}" if inbound else f"udp://:{udp_port}"
     argv = ["srt-live-transmit", "-q", "-a:yes", *((srt_url, udp) if inbound else (udp, srt_url))]
-    return subprocess.Popen(bridge_argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # stdin: a pipe that lives as long as this process, so the bridge dies with it (see
+    # bridge_argv); the Popen object keeps our end open
+    return subprocess.Popen(bridge_argv(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
