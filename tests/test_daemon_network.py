@@ -187,3 +187,4 @@ def test_cli_run_udp_source_to_udp_output_read_by_pyav(tmp_path, model_cache):
     # the output repeats the newest frame when the input is late: never goes back
     assert len(set(counters)) >= FPS and counters == sorted(counters)
     assert "source live" in text
+    assert f"out udp://127.0.0.1:{p_out} " in text  # the output's own state on the status line

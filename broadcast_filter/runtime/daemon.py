@@ -87,7 +87,7 @@ class Daemon:
         self._last_input_at = time.monotonic()
         self._engine_error_logged = False
         #: extra status-line fields, name -> function giving the value (``obs connected``)
-        self.status_fields: dict[str, Callable[[], object]] = {}
+        self.status_fields: dict[str, Callable[[], object]] = {"out": self.sinks.state}
         #: called once when the daemon stops (e.g. the OBS bridge's stop)
         self.on_stop: list[Callable[[], None]] = []
 

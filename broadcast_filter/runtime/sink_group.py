@@ -39,6 +39,17 @@ class SinkGroup:
         """Every sink failed and none can be re-opened."""
         return not self.sinks and self.reopen is None
 
+    def state(self) -> str | None:
+        """For the status line: each network or NDI sink's own state (``live, 3 dropped``)
+        and each failed sink; ``None`` when there is nothing to say."""
+        parts = [
+            f"{name} {sink.state}"
+            for name, sink in list(self.sinks.items())
+            if isinstance(getattr(sink, "state", None), str)
+        ]
+        parts += [f"{name} failed" for name in list(self.failed)]
+        return "; ".join(parts) or None
+
     def send(self, image: np.ndarray, now: float) -> None:
         """Send ``image`` to every open sink; a failing one is closed and scheduled again."""
         for name, sink in list(self.sinks.items()):
