@@ -60,6 +60,7 @@ def test_a_file_cut_before_its_index_is_a_clear_error_not_a_crash(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.peers
 def test_garbage_on_the_udp_port_is_survived_and_a_real_stream_then_arrives():
     port = peers.free_port(socket.SOCK_DGRAM)
     collector = Collector(UdpSource(f"udp://127.0.0.1:{port}"))
@@ -74,7 +75,7 @@ def test_garbage_on_the_udp_port_is_survived_and_a_real_stream_then_arrives():
                     payload = b"".join(b"\x47" + payload[:187] for _ in range(7))
                 sock.sendto(payload, ("127.0.0.1", port))
                 time.sleep(0.002)
-        time.sleep(1.0)
+        time.sleep(1.0)  # the garbage drains through the demuxer first (not a synchronisation)
         before = len(collector.received.counters)
         publisher(f"udp://127.0.0.1:{port}?pkt_size=1316", "mpegts", frames=90).wait(30)
         collector.wait_for(
