@@ -167,7 +167,11 @@ class Controller:
         }
         with self._lock:
             wanted = self._pending or self.active
-            requested = {"requested": wanted.name, "params": live_values(wanted)}
+            requested = {
+                "requested": wanted.name,
+                "bypass_requested": self._bypass,
+                "params": live_values(wanted),
+            }
         return {**snapshot, **self._details(), **requested}
 
     def restart_engine(self, reason: str) -> None:
