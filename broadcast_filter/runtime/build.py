@@ -7,11 +7,13 @@ everything here takes its parsed objects as they are.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from broadcast_filter.control import obs_bridge
 from broadcast_filter.control.api import ApiServer
 from broadcast_filter.control.config import (
     ConfigError,
@@ -185,8 +187,33 @@ def start_obs_bridge(config: DaemonConfig, daemon: Daemon) -> ObsBridge | None:
         return None
     bridge = ObsBridge(config.obs, daemon.controller)
     daemon.status_fields["obs"] = lambda: bridge.state
-    daemon.on_stop.append(lambda: bridge.stop(timeout=0.5))
+    handler = LogLines(daemon.status.log, "obs: ")
+    logger = logging.getLogger(obs_bridge.__name__)
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+    def stop() -> None:
+        bridge.stop(timeout=0.5)
+        logger.removeHandler(handler)
+
+    daemon.on_stop.append(stop)
     return bridge.start()
+
+
+class LogLines(logging.Handler):
+    """Log records as one line each on the daemon's log (stderr, and the API's WebSocket
+    events): OBS connected or lost, a scene or hotkey item applied, a CustomEvent."""
+
+    def __init__(self, log: Callable[[str], None], prefix: str) -> None:
+        super().__init__(logging.INFO)
+        self.log, self.prefix = log, prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.log(self.prefix + record.getMessage())
+        except Exception:
+            self.handleError(record)
 
 
 def config_watch(path: Path, log: Callable[[str], None]) -> Callable[[], str | None]:
