@@ -236,6 +236,12 @@ def test_live_params_change_together_or_not_at_all(api: Api, live: Any) -> None:
     assert code == 400 and body["field"] == "model" and "cannot be changed live" in body["error"]
     code, _, body = api.call("POST", "/api/params", {"strength": 0.5})
     assert code == 200 and body["params"]["t_index_list"] != before[2]["t_index_list"]
+    levels = body["params"]["t_index_list"]
+    code, _, body = api.call("POST", "/api/params", {"strength": None})  # found by the fuzz
+    assert code == 200 and body["params"]["strength"] is None
+    assert body["params"]["t_index_list"] == levels
+    code, _, body = api.call("POST", "/api/params", {"t_index_list": None})
+    assert code == 400 and body["field"] == "t_index_list"
 
 
 def test_errors_are_clear_4xx_and_the_stream_goes_on(api: Api, live: Any) -> None:
@@ -495,7 +501,7 @@ BODIES = (
 
 
 @settings(
-    max_examples=150,
+    max_examples=400,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

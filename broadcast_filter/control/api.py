@@ -231,6 +231,9 @@ class ApiServer:
             if exc.status < 400:
                 raise
             return _json({"error": exc.reason}, exc.status)
+        except Exception as exc:  # a bug: say so in JSON and in the log; the stream goes on
+            self.log(f"api: {request.method} {request.path} failed: {exc!r}")
+            return _json({"error": f"internal error ({type(exc).__name__})"}, 500)
 
     def _check(self, request: web.Request) -> None:
         host = request.headers.get("Host")
