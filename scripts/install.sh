@@ -13,6 +13,7 @@ if [ "${NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nul
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     ffmpeg nginx libnginx-mod-rtmp srt-tools xvfb xauth xdotool obs-studio fonts-dejavu-core stress-ng \
+    chromium chromium-driver \
     >/dev/null
 fi
 

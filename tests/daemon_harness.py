@@ -23,7 +23,7 @@ import yaml
 from broadcast_filter.control.config import load_config
 from broadcast_filter.media.base import Sink, register_sink
 from broadcast_filter.media.sources import read_counter
-from broadcast_filter.runtime.build import build_daemon, start_obs_bridge
+from broadcast_filter.runtime.build import build_daemon, start_api, start_obs_bridge
 from broadcast_filter.runtime.daemon import Daemon
 from broadcast_filter.runtime.telemetry import StatusLine
 
@@ -100,6 +100,7 @@ def write_config(
     start: str,
     cache_dir: str,
     obs: dict[str, Any] | None = None,
+    api: dict[str, Any] | None = None,
 ) -> Path:
     """A daemon config plus the test presets in ``folder``; returns the config's path."""
     presets = folder / "presets"
@@ -116,6 +117,8 @@ def write_config(
     }
     if obs is not None:
         config["obs"] = obs
+    if api is not None:
+        config["api"] = api
     path = folder / "daemon.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -136,11 +139,17 @@ class Lines:
 
 @contextlib.contextmanager
 def running(config_path: Path) -> Iterator[tuple[Daemon, Any, Lines]]:
-    """Build the daemon from ``config_path`` as ``run`` does, start its OBS bridge (if the
-    config has ``obs:``), run it in a thread; stop both on exit."""
+    """Build the daemon from ``config_path`` as ``run`` does, start its API (``api:``) and
+    OBS bridge (``obs:``), run it in a thread; stop all on exit. The API server, if any, is
+    ``daemon.api`` here (tests only)."""
     config = load_config(config_path)
     lines = Lines()
     daemon = build_daemon(config, status=StatusLine(lines, interval=0.5), progress=False)
+    try:
+        daemon.api = start_api(config, daemon)  # type: ignore[attr-defined]
+    except BaseException:
+        daemon.stop()
+        raise
     bridge = start_obs_bridge(config, daemon)
     thread = threading.Thread(target=daemon.run, name="daemon-main", daemon=True)
     thread.start()

@@ -486,6 +486,9 @@ def test_obs_setup_is_idempotent_and_status_reports_what_is_there(
     monkeypatch.setenv("BF_TEST_OBS_PASSWORD", obs_peer.password)
     config = tmp_path / "daemon.yaml"
     config.write_text(
+        "model: {id: tiny}\n"
+        "sinks: [null]\n"
+        "api: {token: dock-secret}\n"
         "obs:\n"
         f"  port: {obs_peer.port}\n"
         "  password_env: BF_TEST_OBS_PASSWORD\n"
@@ -507,6 +510,7 @@ def test_obs_setup_is_idempotent_and_status_reports_what_is_there(
 
     code, out, _ = run_cli(capsys, "obs", "setup", *cli)
     assert code == 0, out
+    assert "Custom Browser Docks, add the URL http://127.0.0.1:8760/?token=dock-secret" in out
     print(f"\nfirst `obs setup`:\n{out}")
     first = obs_snapshot(obs_client)
     assert {"Setup Controls", "Setup Show"} <= set(first["scenes"])

@@ -1,5 +1,5 @@
-"""Secrets never leak: a real run with an OBS password, an RTMP stream key and an SRT
-passphrase configured leaves none of them in any log line, status line, error or in
+"""Secrets never leak: a real run with an OBS password, an RTMP stream key, an SRT
+passphrase and an API token configured leaves none of them in any log line, status line, error or in
 ``doctor`` output; YAML is loaded safely (preset paths: test_guard.py)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from broadcast_filter.control.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD, KEY, PASSPHRASE = "obs-pw-9f3a1c", "live_key_7d2e55", "srt-pass-4b8c0e"
+TOKEN = "api-token-3e9d71"
 
 
 def secret_config(tmp_path: Path) -> Path:
@@ -29,6 +30,7 @@ def secret_config(tmp_path: Path) -> Path:
         + "".join(f"  - {s!r}\n" for s in sinks)
         + f"presets: {{folder: presets, start: anime}}\n"
         f"obs: {{host: 127.0.0.1, port: 9, password: {PASSWORD}}}\n"
+        f"api: {{bind: 0.0.0.0, port: 0, token: {TOKEN}}}\n"
     )
     return path
 
@@ -55,6 +57,7 @@ def test_a_run_and_doctor_with_secrets_configured_never_print_them(tmp_path):
     text = "\n".join(p.stdout + p.stderr for p in (run, doctor, error))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "frames out 30" in run.stderr
+    assert "api: dock and API on http://127.0.0.1:" in run.stderr  # shown without the token
     from broadcast_filter.control.config import SinkSettings
     from broadcast_filter.runtime.build import open_sinks
 
@@ -63,7 +66,7 @@ def test_a_run_and_doctor_with_secrets_configured_never_print_them(tmp_path):
         assert [name for name, _ in sinks] == ["rtmp://127.0.0.1:9/live/****"]
     finally:
         sinks[0][1].close()
-    for secret in (PASSWORD, KEY, PASSPHRASE):
+    for secret in (PASSWORD, KEY, PASSPHRASE, TOKEN):
         assert secret not in text
 
 

@@ -7,7 +7,11 @@ the engine applies at the next frame boundary, and never wait for the video path
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Commands(Protocol):
@@ -23,6 +27,10 @@ class Commands(Protocol):
     def set_param(self, name: str, value: Any) -> None:
         """Change one live parameter (e.g. ``guidance_scale``); raise ``ValueError`` if invalid."""
 
+    def set_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Change several live parameters of the active preset at once, or none of them:
+        ``ValueError`` (naming the field) if any is invalid. Returns the live values after."""
+
     def prepare_preset(self, name: str) -> None:
         """Warm the named preset before it goes on air (its prompt is encoded ahead of the
         cut); nothing on air changes. Raise ``KeyError`` for an unknown name."""
@@ -30,6 +38,16 @@ class Commands(Protocol):
     def preset_names(self) -> list[str]:
         """The presets the daemon knows, in list order."""
 
+    def presets(self) -> list[dict[str, Any]]:
+        """The presets in list order, each ``{"name", "description", "active",
+        "needs_reload", "bypass"}``; ``active`` marks the preset on air (or asked for)."""
+
+    def preview(self) -> np.ndarray | None:
+        """The picture the sinks got last (HxWx3 uint8 RGB), or ``None`` before the first."""
+
     def status(self) -> dict[str, Any]:
         """A snapshot: ``preset``, ``bypass``, ``fps_in``, ``fps_model``, ``fps_out``,
-        ``latency_ms_p50``, ``latency_ms_p95``, ``skip_ratio``, ``mode``."""
+        ``latency_ms_p50``, ``latency_ms_p95``, ``skip_ratio``, ``mode``, ``on_air``; with a
+        running daemon also ``sinks``, ``failed_sinks``, ``fields`` (source, OBS, ...),
+        ``health`` and ``engine_restarts``; ``requested`` is the preset and ``params`` the
+        live values asked for (applied at the next frame boundary)."""

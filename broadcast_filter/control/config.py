@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from broadcast_filter.control.api_settings import ApiSettings, is_loopback
 from broadcast_filter.control.obs_settings import ObsSettings
 from broadcast_filter.diffusion.spec import Acceleration, ModelSpec
 from broadcast_filter.runtime.watchdog import SafetySettings
@@ -461,6 +462,43 @@ OBS = schema_of(
 )
 
 
+def _host_names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise ValueError("expected a list of host names")
+    return tuple(x.strip().lower() for x in v)
+
+
+def _api_cross(values: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    if values.get("token") and values.get("token_env"):
+        problems.append(("token", "give either token or token_env, not both"))
+    env = values.get("token_env")
+    if env is not None and not os.environ.get(env):
+        problems.append(("token_env", f"environment variable {env} is not set (or empty)"))
+    has_token = bool(values.get("token")) or env is not None
+    bind = values.get("bind", "127.0.0.1")
+    if bind is not None and not is_loopback(bind) and not has_token:
+        problems.append(
+            (
+                "token",
+                f"bind {bind} is not a loopback address: set api.token (or api.token_env), "
+                "or bind 127.0.0.1",
+            )
+        )
+    return problems
+
+
+def _api_build(**values: Any) -> ApiSettings:
+    if values["token_env"] is not None:
+        values["token"] = os.environ[values["token_env"]]
+    return ApiSettings(**values)
+
+
+API = schema_of(
+    ApiSettings, build=_api_build, cross=_api_cross, checks={"allowed_hosts": _host_names}
+)
+
+
 @dataclass(frozen=True)
 class SourceSettings:
     url: str | None = setting(None, help="device, file, URL, or null")
@@ -499,6 +537,7 @@ class DaemonConfig:
     presets: PresetSettings = setting(factory=PresetSettings)
     obs: ObsSettings | None = setting(None, help="settings of the OBS bridge", check=OBS)
     safety: SafetySettings = setting(factory=SafetySettings, help="on-air safety timings")
+    api: ApiSettings | None = setting(None, help="local HTTP/WebSocket API and dock", check=API)
 
     @property
     def width(self) -> int:
@@ -517,15 +556,15 @@ class DaemonConfig:
 DAEMON = schema_of(DaemonConfig, exclude=("path",), checks={"model": model_section()})
 
 
-def load_obs_settings(path: str | Path) -> ObsSettings | None:
-    """The ``obs:`` section of a daemon config, checked with the rest of the file as
-    :func:`load_config` checks it, except that ``model`` and ``sinks`` may be left out (an
-    ``obs setup`` file may hold only the OBS section)."""
+def load_sections(path: str | Path) -> dict[str, Any]:
+    """A daemon config's sections by key, checked as :func:`load_config` checks them,
+    except that ``model`` and ``sinks`` may be left out (``None``): ``obs setup`` reads its
+    ``obs:`` and ``api:`` sections from a file that may hold only those."""
     relaxed = {
         k: dataclasses.replace(f, default=None) if f.default is REQUIRED else f
         for k, f in DAEMON.fields.items()
     }
-    return load_section(Path(path), Section(relaxed, lambda **v: v["obs"]))
+    return load_section(Path(path), Section(relaxed, lambda **v: v))
 
 
 def load_config(path: str | Path) -> DaemonConfig:

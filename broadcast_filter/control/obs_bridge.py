@@ -271,8 +271,10 @@ class ObsBridge:
         while not self._stop.is_set():
             if not self._events.worker.is_alive():
                 raise _ConnectionLost("the OBS event connection ended")
+            # wake for the status deadline too (a changed preset shows ~0.1 s after the event)
+            wait = min(POLL_S, max(0.0, next_status - time.monotonic()))
             try:
-                event_type, data = self._inbox.get(timeout=POLL_S)
+                event_type, data = self._inbox.get(timeout=wait)
             except queue.Empty:
                 pass
             else:

@@ -13,13 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from broadcast_filter.control.config import (
-    OBS,
-    ConfigError,
-    UsageError,
-    check_value,
-    load_obs_settings,
-)
+from broadcast_filter.control.api_settings import ApiSettings
+from broadcast_filter.control.config import OBS, ConfigError, UsageError, check_value, load_sections
 from broadcast_filter.control.obs_bridge import ObsAuthError, connect, quiet_obsws_logging
 from broadcast_filter.control.obs_settings import ObsSettings
 from broadcast_filter.control.obs_setup import describe, plan_setup
@@ -51,7 +46,7 @@ def settings_from_args(args: argparse.Namespace) -> ObsSettings:
     command-line options on top; ``ConfigError`` / ``UsageError`` name what is wrong."""
     settings = ObsSettings()
     if args.config is not None:
-        settings = load_obs_settings(args.config) or settings
+        settings = load_sections(args.config)["obs"] or settings
     changes: dict[str, Any] = {}
     for key in ("host", "port", "password"):
         if getattr(args, key) is not None:
@@ -106,10 +101,24 @@ def run_status(args: argparse.Namespace) -> int:
     return _guarded(_status, args)
 
 
+def dock_hint(config: Path | None) -> str:
+    """Where the operator's dock is (docs/control.md), to paste into OBS's Docks > Custom
+    Browser Docks: the config's ``api:`` URL (with its token), or how to turn it on."""
+    api = load_sections(config)["api"] if config is not None else None
+    if api is None:
+        where = f"{config}" if config is not None else "the daemon config"
+        return (
+            f"dock: {where} has no api: section; add `api: {{}}` to get the operator's dock "
+            f"at {ApiSettings().url()}"
+        )
+    return f"dock: in OBS, Docks > Custom Browser Docks, add the URL {api.url()}"
+
+
 def _setup(settings: ObsSettings, req: Any, args: argparse.Namespace) -> int:
     steps = plan_setup(req, settings)
     if not steps:
         print("OBS already has everything the obs: mapping needs; nothing to do")
+        print(dock_hint(args.config))
         return 0
     for step in steps:
         print(("would " if args.dry_run else "") + step.text)
@@ -120,6 +129,8 @@ def _setup(settings: ObsSettings, req: Any, args: argparse.Namespace) -> int:
             f"next: in OBS, Settings > Hotkeys, bind a key to \"Show '<item>'\" for each item of "
             f"scene {settings.controls_scene!r}"
         )
+    if not args.dry_run:
+        print(dock_hint(args.config))
     return 0
 
 

@@ -142,6 +142,10 @@ def with_param(preset: Preset, name: str, value: Any) -> Preset:
     if isinstance(value, tuple):
         value = list(value)
     checked = check_value(PRESET, name, value)
+    if name == "t_index_list" and checked is None:
+        raise ValueError("t_index_list: expected a list of denoising levels, got None")
+    if name == "strength" and checked is None:  # back to the preset's t_index_list as it is
+        return replace(preset, strength=None)
     if name == "strength":
         return replace(
             preset,

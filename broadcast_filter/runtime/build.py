@@ -7,10 +7,14 @@ everything here takes its parsed objects as they are.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from broadcast_filter.control import obs_bridge
+from broadcast_filter.control.api import ApiServer
 from broadcast_filter.control.config import (
     ConfigError,
     DaemonConfig,
@@ -150,8 +154,30 @@ def run_daemon(
     """``broadcast-filter run``: build the daemon, start its OBS bridge, run until stopped;
     return the exit code."""
     daemon = build_daemon(config, preset=preset, limits=limits, status=status)
+    try:
+        start_api(config, daemon)
+    except BaseException:
+        daemon.stop()
+        raise
     start_obs_bridge(config, daemon)
     return daemon.run()
+
+
+def start_api(config: DaemonConfig, daemon: Daemon) -> ApiServer | None:
+    """With an ``api:`` section, serve the HTTP/WebSocket API and the dock on the daemon's
+    controller: every logged line becomes a WebSocket event, the status line shows the
+    dock's URL (``api http://...``, never the token), and the server stops with the daemon.
+    Raises ``OSError`` naming ``api.bind``/``api.port`` when it cannot listen."""
+    if config.api is None:
+        return None
+    server = ApiServer(config.api, daemon.controller, daemon.status.log).start()
+    daemon.status.listeners.append(server.publish)
+    shown = replace(config.api, token="").url(server.port)
+    daemon.status.log(
+        f"api: dock and API on {shown}" + (" (token required)" if config.api.token else "")
+    )
+    daemon.on_stop.append(lambda: server.stop(timeout=0.5))
+    return server
 
 
 def start_obs_bridge(config: DaemonConfig, daemon: Daemon) -> ObsBridge | None:
@@ -161,8 +187,33 @@ def start_obs_bridge(config: DaemonConfig, daemon: Daemon) -> ObsBridge | None:
         return None
     bridge = ObsBridge(config.obs, daemon.controller)
     daemon.status_fields["obs"] = lambda: bridge.state
-    daemon.on_stop.append(lambda: bridge.stop(timeout=0.5))
+    handler = LogLines(daemon.status.log, "obs: ")
+    logger = logging.getLogger(obs_bridge.__name__)
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+    def stop() -> None:
+        bridge.stop(timeout=0.5)
+        logger.removeHandler(handler)
+
+    daemon.on_stop.append(stop)
     return bridge.start()
+
+
+class LogLines(logging.Handler):
+    """Log records as one line each on the daemon's log (stderr, and the API's WebSocket
+    events): OBS connected or lost, a scene or hotkey item applied, a CustomEvent."""
+
+    def __init__(self, log: Callable[[str], None], prefix: str) -> None:
+        super().__init__(logging.INFO)
+        self.log, self.prefix = log, prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.log(self.prefix + record.getMessage())
+        except Exception:
+            self.handleError(record)
 
 
 def config_watch(path: Path, log: Callable[[str], None]) -> Callable[[], str | None]:

@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from broadcast_filter.control.presets import Change, Preset, PresetLibrary, with_param
+from broadcast_filter.control.presets import (
+    LIVE_FIELDS,
+    Change,
+    Preset,
+    PresetLibrary,
+    with_param,
+)
 from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.media.base import Frame
 from broadcast_filter.runtime.engine import Engine, EngineError
@@ -73,6 +79,17 @@ class Controller:
         self.mode = "starting"
         self._engine_failed = False
         self._restart: str | None = None
+        self._details: Callable[[], dict[str, Any]] = dict
+        self._preview: Callable[[], np.ndarray | None] = lambda: None
+
+    def attach(
+        self,
+        details: Callable[[], dict[str, Any]],
+        preview: Callable[[], np.ndarray | None],
+    ) -> None:
+        """The running daemon's part of :meth:`status` (sinks, health, extra fields) and
+        of :meth:`preview` (its last output picture)."""
+        self._details, self._preview = details, preview
 
     # ------------------------------------------------------------------ Commands
 
@@ -99,9 +116,40 @@ class Controller:
         with self._lock:
             self._pending = with_param(self._pending or self.active, name, value)
 
+    def set_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(values, Mapping) or not values:
+            raise ValueError("expected at least one parameter")
+        with self._lock:
+            preset = self._pending or self.active
+            for name, value in values.items():
+                preset = with_param(preset, name, value)  # raises before anything is kept
+            self._pending = preset
+            return live_values(preset)
+
     def preset_names(self) -> list[str]:
         with self._lock:
             return self.library.names()
+
+    def presets(self) -> list[dict[str, Any]]:
+        with self._lock:
+            active = (self._pending or self.active).name
+            listing = []
+            for name in self.library.names():
+                preset = self.library.get(name)
+                spec = preset.model_spec(self.base_model)
+                listing.append(
+                    {
+                        "name": name,
+                        "description": preset.description,
+                        "active": name == active,
+                        "needs_reload": spec != self.base_model,
+                        "bypass": preset.bypass,
+                    }
+                )
+            return listing
+
+    def preview(self) -> np.ndarray | None:
+        return self._preview()
 
     def prepare_preset(self, name: str) -> None:
         """Warm a preset before it goes on air (OBS studio mode's preview scene): its prompt is
@@ -110,7 +158,21 @@ class Controller:
             self._warm = self.library.get(name)
 
     def status(self) -> dict[str, Any]:
-        return self.telemetry.snapshot(time.monotonic()).as_dict()
+        snapshot = self.telemetry.snapshot(time.monotonic()).as_dict()
+        buckets, total = self.telemetry.latency_histogram()
+        snapshot["latency_histogram"] = {
+            "buckets_s": [b for b, _ in buckets[:-1]],
+            "counts": [c for _, c in buckets],  # cumulative; the last is +Inf (all)
+            "sum_s": total,
+        }
+        with self._lock:
+            wanted = self._pending or self.active
+            requested = {
+                "requested": wanted.name,
+                "bypass_requested": self._bypass,
+                "params": live_values(wanted),
+            }
+        return {**snapshot, **self._details(), **requested}
 
     def restart_engine(self, reason: str) -> None:
         """Drop the engine at the next frame boundary and rebuild it in the background
@@ -230,3 +292,10 @@ class Controller:
         self.telemetry.model_step(now, skipped)
         self.mode = "crossfade" if self.engine.fading else "styled"
         return Result(image, frame.captured_at, "skip" if skipped else "model")
+
+
+def live_values(preset: Preset) -> dict[str, Any]:
+    """The preset's live parameters as plain JSON values."""
+    values = {name: getattr(preset, name) for name in LIVE_FIELDS}
+    values["t_index_list"] = list(preset.t_index_list)
+    return values

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from broadcast_filter.control.config import ConfigError
 from broadcast_filter.media.base import Frame, Sink, Source, SourceLost
 from broadcast_filter.runtime.controller import Controller, Result
@@ -90,14 +92,48 @@ class Daemon:
         self.status_fields: dict[str, Callable[[], object]] = {"out": self.sinks.state}
         #: called once when the daemon stops (e.g. the OBS bridge's stop)
         self.on_stop: list[Callable[[], None]] = []
+        self._last_image: np.ndarray | None = None  # what the sinks got last
+        self._last_out_at: float | None = None
+        controller.attach(self.details, lambda: self._last_image)
 
     # ------------------------------------------------------------------ control
 
     def stats(self) -> dict[str, Any]:
-        """The telemetry snapshot (what the status line shows) plus sink health."""
+        """The telemetry snapshot (what the status line shows) plus :meth:`details`."""
         snap = self.telemetry.snapshot(time.monotonic()).as_dict()
+        return {**snap, **self.details()}
+
+    def details(self) -> dict[str, Any]:
+        """Sink health, the extra status fields (source, OBS, ...), engine restarts and
+        :meth:`health`."""
         sinks, failed = sorted(self.sinks.sinks.copy()), self.sinks.failed.copy()
-        return {**snap, "sinks": sinks, "failed_sinks": failed, "fields": self._fields()}
+        return {
+            "sinks": sinks,
+            "failed_sinks": failed,
+            "fields": self._fields(),
+            "engine_restarts": self.watchdog.state.restarts,
+            "source_up": not self._source_lost and not self._source_ended.is_set(),
+            "health": self.health(time.monotonic()),
+        }
+
+    def health(self, now: float) -> dict[str, Any]:
+        """For supervisors: ``ready`` once the first output frame went out; ``healthy``
+        while ready, running, some sink open and the output not stalled (no frame for
+        ``max(1 s, 5 frame times)``); ``problems`` says what is wrong, in words."""
+        problems = []
+        last = self._last_out_at
+        ready = last is not None
+        if not ready:
+            problems.append("no output frame yet")
+        elif now - last > max(1.0, 5.0 / self.fps):
+            problems.append(f"output stalled ({now - last:.1f} s since the last frame)")
+        if not self.sinks.sinks:
+            problems.append("every sink failed")
+        if self._stop.is_set():
+            problems.append(f"stopping ({self.stopped_because})")
+        if self.failure:
+            problems.append(self.failure)
+        return {"ready": ready, "healthy": not problems, "problems": problems}
 
     def status_text(self, now: float) -> str:
         """The status line: the telemetry, then each extra field as ``name value``."""
@@ -298,11 +334,13 @@ class Daemon:
             if picture is None or self.output.closed:
                 return
             self.sinks.send(picture.image, now)
+            self._last_image = picture.image
             if self.sinks.dead and not self._stop.is_set():
                 self._fail("every sink failed")
             now = time.monotonic()
             fresh = picture.captured_at is not None and picture.key != last
             self.telemetry.frame_out(now, now - picture.captured_at if fresh else None)
+            self._last_out_at = now
             last = picture.key
             if self.limits.frames is not None and state.emitted >= self.limits.frames:
                 self.request_stop(f"--frames {self.limits.frames}")

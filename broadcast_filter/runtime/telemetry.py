@@ -7,14 +7,20 @@ new outputs. Storage is fixed-size ring buffers: nothing grows while running.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import itertools
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TextIO
 
 import numpy as np
 
 RATE_WINDOW_S = 2.0
+#: upper bounds (seconds) of the capture-to-sink latency histogram (``/metrics``)
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 
 
 class RateMeter:
@@ -87,6 +93,8 @@ class Telemetry:
         self._lock = threading.Lock()
         self._in, self._model, self._out = RateMeter(), RateMeter(), RateMeter()
         self._latency = Ring()
+        self._buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)  # the last one is +Inf
+        self._latency_sum = 0.0
         self.frames_in = self.frames_model = self.frames_skipped = 0
         self.frames_out = self.frames_repeated = self.dropped = 0
         self.preset, self.mode, self.bypass = "", "starting", False
@@ -119,6 +127,8 @@ class Telemetry:
                 self.frames_repeated += 1
             else:
                 self._latency.add(latency)
+                self._latency_sum += latency
+                self._buckets[bisect.bisect_left(LATENCY_BUCKETS_S, latency)] += 1
 
     def set_state(self, *, preset: str, mode: str, bypass: bool) -> None:
         with self._lock:
@@ -133,6 +143,14 @@ class Telemetry:
         """What the output sends (watchdog kind) and why; ``reason`` overrides the mode."""
         with self._lock:
             self.on_air, self.on_air_reason, self.mode_switches = kind, reason, switches
+
+    def latency_histogram(self) -> tuple[list[tuple[float, int]], float]:
+        """Every new output's latency so far: cumulative ``(upper bound s, count)`` pairs
+        ending with ``(inf, total)``, and the sum of the latencies in seconds."""
+        with self._lock:
+            counts, total = list(self._buckets), self._latency_sum
+        bounds = [*LATENCY_BUCKETS_S, math.inf]
+        return list(zip(bounds, itertools.accumulate(counts), strict=True)), total
 
     def snapshot(self, now: float) -> Snapshot:
         with self._lock:
@@ -187,6 +205,8 @@ class StatusLine:
         self._lock = threading.Lock()
         self._last = -math.inf
         self._text = ""
+        #: called with every logged message (the API's WebSocket events); must not block
+        self.listeners: list[Callable[[str], None]] = []
 
     def update(self, text: str, now: float) -> None:
         with self._lock:
@@ -205,6 +225,9 @@ class StatusLine:
             if self.tty and self._text:
                 self.stream.write(self._text)
             self.stream.flush()
+        for listener in list(self.listeners):
+            with contextlib.suppress(Exception):  # a broken listener must not break logging
+                listener(message)
 
     def finish(self, text: str) -> None:
         """Print the final line (always, on its own line)."""
