@@ -462,6 +462,11 @@ def test_udp_source_receives_mpegts_from_the_ffmpeg_cli():
 @pytest.mark.slow
 @pytest.mark.peers
 def test_udp_sink_reaches_an_independent_reader():
+    udp_sink_to_reader("UdpSink -> PyAV reader")
+
+
+def udp_sink_to_reader(label: str) -> None:
+    """90 frames through a UdpSink into an independent PyAV reader: all delivered or counted."""
     port = peers.free_port(peers.socket.SOCK_DGRAM)
     watcher = reader(f"udp://127.0.0.1:{port}", "mpegts")
     wait_until(lambda: peers.udp_bound(port), 30, "the reader to bind its port")
@@ -469,7 +474,7 @@ def test_udp_sink_reaches_an_independent_reader():
         wait_state(sink, "live")
         send_frames(sink, 90)
     assert_delivered(reader_result(watcher), sent=range(90), dropped=sink.dropped,
-                     lossless=False, label="UdpSink -> PyAV reader")  # fmt: skip
+                     lossless=False, label=label)  # fmt: skip
 
 
 # ---------------------------------------------------------------- SRT (via srt-live-transmit)
@@ -612,14 +617,7 @@ def test_without_linux_extras_frames_flow_through_source_and_sink(no_linux_extra
                          label="portable: ffmpeg CLI -> SRT listener source")  # fmt: skip
     finally:
         collector.close()
-    out = peers.free_port(peers.socket.SOCK_DGRAM)
-    watcher = reader(f"udp://127.0.0.1:{out}", "mpegts")
-    wait_until(lambda: peers.udp_bound(out), 30, "the reader to bind its port")
-    with UdpSink(f"udp://127.0.0.1:{out}", width=SIZE[0], height=SIZE[1], fps=FPS) as sink:
-        wait_state(sink, "live")
-        send_frames(sink, 90)
-    assert_delivered(reader_result(watcher), sent=range(90), dropped=sink.dropped,
-                     lossless=False, label="portable: UdpSink -> PyAV reader")  # fmt: skip
+    udp_sink_to_reader("portable: UdpSink -> PyAV reader")
 
 
 @pytest.mark.slow
