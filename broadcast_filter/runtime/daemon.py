@@ -331,8 +331,10 @@ class Daemon:
             picture = self.switcher.picture(
                 now, input_age=now - self._last_input_at, source_lost=self._source_lost
             )
-            if picture is None or self.output.closed:
+            if self.output.closed:
                 return
+            if picture is None:  # nothing to show this tick; never a reason to stop output
+                continue
             self.sinks.send(picture.image, now)
             self._last_image = picture.image
             if self.sinks.dead and not self._stop.is_set():

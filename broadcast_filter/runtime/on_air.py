@@ -65,7 +65,7 @@ class Switcher:
             return Picture(
                 fit_image(frame.image, w, h), frame.captured_at, ("input", frame_version)
             )
-        if styled is None:  # no input kept (never happens once a result exists)
+        if styled is None:  # no input frame to pass on yet: skip the tick
             return None
         image = fit_image(styled, w, h)
         if pick.kind == "fade" and frame is not None:
