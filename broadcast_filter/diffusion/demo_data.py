@@ -1,5 +1,5 @@
 """Procedural pictures the demo model is trained and tested on: FFmpeg lavfi sources and
-numpy shapes, gratings and smooth noise.
+numpy gradients, shapes, gratings and smooth noise (all reproducible from their seed).
 
 :func:`procedural_images` draws ``count`` images from ``seed``; the training script uses
 :data:`TRAIN_SEED` and the tests and benchmarks :data:`HELD_OUT_SEED`, so held-out images
@@ -13,7 +13,14 @@ import subprocess
 
 import numpy as np
 
-__all__ = ["HELD_OUT_SEED", "TRAIN_SEED", "lavfi_frames", "procedural_images"]
+__all__ = [
+    "HELD_OUT_SEED",
+    "KINDS",
+    "TRAIN_SEED",
+    "images_of_kind",
+    "lavfi_frames",
+    "procedural_images",
+]
 
 TRAIN_SEED = 0
 HELD_OUT_SEED = 1_000_003
@@ -60,13 +67,6 @@ def _lavfi_source(kind: str, rng: np.random.Generator, size: int) -> tuple[str, 
         cells = int(rng.choice([32, 64]))
         rule = int(rng.choice([18, 30, 45, 73, 90, 105, 110, 150]))
         return f"cellauto=size={cells}x{cells}:rate=25:rule={rule}:random_seed={seed}", 4
-    if kind == "gradients":
-        shape = rng.choice(["linear", "radial", "circular", "spiral"])
-        return (
-            f"gradients=size={size}x{size}:rate=25:seed={seed}:nb_colors={rng.integers(2, 8)}"
-            f":speed={rng.uniform(0.01, 0.05):.3f}:type={shape}",
-            9,
-        )
     raise ValueError(f"unknown lavfi kind {kind!r}")
 
 
@@ -79,6 +79,28 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     rows = grid[i] * (1 - f[..., None]) + grid[i + 1] * f[..., None]
     f = (pos - i)[None, :, None]
     return rows[:, i] * (1 - f) + rows[:, i + 1] * f
+
+
+def _gradients(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A linear, radial, circular or spiral gradient through 2-7 random colours (what lavfi's
+    ``gradients`` draws; made here because that source is not reproducible from its seed)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    cx, cy = rng.uniform(0.2, 0.8, 2)
+    angle = rng.uniform(0, 2 * np.pi)
+    radius = np.hypot(xx - cx, yy - cy)
+    around = (np.arctan2(yy - cy, xx - cx) + np.pi) / (2 * np.pi)
+    shape = str(rng.choice(["linear", "radial", "circular", "spiral"]))
+    field = {
+        "linear": xx * np.cos(angle) + yy * np.sin(angle),
+        "radial": radius * 1.5,
+        "circular": around,
+        "spiral": around + 2 * radius,
+    }[shape]
+    colours = rng.random((int(rng.integers(2, 8)), 3), dtype=np.float32)
+    position = (field % 1.0) * len(colours)
+    low = position.astype(int) % len(colours)
+    weight = (position - np.floor(position))[..., None]
+    return colours[low] * (1 - weight) + colours[(low + 1) % len(colours)] * weight
 
 
 def _shapes(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -111,21 +133,27 @@ def _gratings(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(image / waves * 1.5, 0, 1)
 
 
+def images_of_kind(kind: str, count: int, rng: np.random.Generator, size: int) -> list[np.ndarray]:
+    """``count`` images of one of :data:`KINDS`, drawn from ``rng``."""
+    if kind == "shapes":
+        return [_shapes(rng, size) for _ in range(count)]
+    if kind == "gratings":
+        return [_gratings(rng, size) for _ in range(count)]
+    if kind == "noise":
+        return [_smooth_noise(rng, size, int(rng.integers(3, 12))) for _ in range(count)]
+    if kind == "gradients":
+        return [_gradients(rng, size) for _ in range(count)]
+    images: list[np.ndarray] = []
+    for start in range(0, count, 8):  # a few sources per kind, several frames of each
+        source, every = _lavfi_source(kind, rng, size)
+        images += list(lavfi_frames(source, min(8, count - start), size, every))
+    return images
+
+
 def procedural_images(count: int, seed: int, size: int = 128) -> np.ndarray:
     """``count`` images, an even mix of :data:`KINDS`, drawn from ``seed``: ``(N, H, W, 3)``."""
     rng = np.random.default_rng(seed)
     per_kind = -(-count // len(KINDS))
-    images: list[np.ndarray] = []
-    for kind in KINDS:
-        if kind == "shapes":
-            images += [_shapes(rng, size) for _ in range(per_kind)]
-        elif kind == "gratings":
-            images += [_gratings(rng, size) for _ in range(per_kind)]
-        elif kind == "noise":
-            images += [_smooth_noise(rng, size, int(rng.integers(3, 12))) for _ in range(per_kind)]
-        else:  # a few sources per kind, several frames of each
-            for start in range(0, per_kind, 8):
-                source, every = _lavfi_source(kind, rng, size)
-                images += list(lavfi_frames(source, min(8, per_kind - start), size, every))
+    images = [im for kind in KINDS for im in images_of_kind(kind, per_kind, rng, size)]
     order = rng.permutation(len(images))[:count]
     return np.stack([images[i] for i in order]).astype(np.float32)
