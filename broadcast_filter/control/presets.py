@@ -32,6 +32,7 @@ from broadcast_filter.diffusion.schedule import (
     strength_to_t_index_list,
 )
 from broadcast_filter.diffusion.spec import ModelSpec, resolve_refs
+from broadcast_filter.diffusion.temporal_settings import TemporalSettings
 from broadcast_filter.setting import setting
 
 
@@ -76,6 +77,9 @@ class Preset:
     steps: int | None = setting(None, lo=1, hi=MAX_LEVELS, help="levels for strength")
     seed: int = setting(2, lo=0, hi=2**32 - 1, live=True)
     ssf: SsfSettings = setting(factory=SsfSettings, help="similarity filter")
+    temporal: TemporalSettings = setting(
+        factory=TemporalSettings, help="less flicker: feedback, flow blend, attention cache"
+    )
     transition: float = setting(1.0, lo=0, hi=60, live=True, help="crossfade seconds")
     bypass: bool = setting(False, live=True, help="true: engine bypassed, input passed on")
     model: dict[str, Any] = setting(factory=dict, reload=True, help="overrides of model:")
@@ -122,6 +126,8 @@ PRESET = schema_of(
 )
 #: Fields a control surface may change on the running preset (``Commands.set_param``).
 LIVE_FIELDS = tuple(f.name for f in fields(Preset) if f.metadata.get("live"))
+#: Nested fields a control surface may change, as ``section.field`` (``temporal.feedback``).
+LIVE_SUBFIELDS = tuple(f"temporal.{f.name}" for f in fields(TemporalSettings))
 #: Fields whose change needs another model loaded.
 RELOAD_FIELDS = tuple(f.name for f in fields(Preset) if f.metadata.get("reload"))
 
@@ -136,9 +142,18 @@ def load_preset(path: str | Path) -> Preset:
 
 
 def with_param(preset: Preset, name: str, value: Any) -> Preset:
-    """``preset`` with one live field changed; ``ValueError`` names the allowed values."""
+    """``preset`` with one live field changed; ``ValueError`` names the allowed values.
+    A nested field is named ``section.field`` (:data:`LIVE_SUBFIELDS`)."""
+    if name in LIVE_SUBFIELDS:
+        section, sub = name.split(".")
+        try:
+            checked = check_value(PRESET.fields[section].check, sub, value)
+        except ValueError as exc:
+            raise ValueError(f"{section}.{exc}") from None
+        return replace(preset, **{section: replace(getattr(preset, section), **{sub: checked})})
     if name not in LIVE_FIELDS:
-        raise ValueError(f"{name!r} cannot be changed live (allowed: {', '.join(LIVE_FIELDS)})")
+        allowed = ", ".join(LIVE_FIELDS + LIVE_SUBFIELDS)
+        raise ValueError(f"{name!r} cannot be changed live (allowed: {allowed})")
     if isinstance(value, tuple):
         value = list(value)
     checked = check_value(PRESET, name, value)

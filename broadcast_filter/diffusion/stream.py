@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -31,6 +31,12 @@ from broadcast_filter.diffusion.schedule import (
     CfgType,
     check_t_index_list,
 )
+from broadcast_filter.diffusion.temporal import (
+    FeatureBank,
+    TemporalState,
+    install_bank_processors,
+)
+from broadcast_filter.diffusion.temporal_settings import TemporalSettings
 
 if TYPE_CHECKING:
     from broadcast_filter.diffusion.models import ModelBundle
@@ -54,6 +60,7 @@ class StreamConfig:
     use_stream_batch: bool = True
     frame_buffer_size: int = 1
     mode: Literal["img2img", "txt2img"] = "img2img"
+    temporal: TemporalSettings = field(default_factory=TemporalSettings)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for any value the pipeline cannot run."""
@@ -122,6 +129,10 @@ class StreamPipeline:
         self._schedule = self._make_schedule(self.config.t_index_list)
         self._noise = self._make_noise(self.config.seed)
         self._generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self._temporal = TemporalState(self.config.temporal)
+        self._bank: FeatureBank | None = None  # the feature bank of the call being run
+        if self.config.temporal.cache_frames:
+            install_bank_processors(models.unet)
 
     # ------------------------------------------------------------------ preparation
 
@@ -204,12 +215,14 @@ class StreamPipeline:
         seed: int | None = None,
         t_index_list: Sequence[int] | None = None,
         cfg_type: CfgType | None = None,
+        temporal: TemporalSettings | None = None,
     ) -> None:
         """Change live parameters between calls, without rebuilding anything heavy.
 
         A new ``t_index_list`` of the same length keeps the frames in flight; another length
         restarts the stream (the next call primes the buffer from its own input, so no frame
-        comes out grey). A new seed replaces the fixed noise.
+        comes out grey). A new seed replaces the fixed noise and, like a restart, resets the
+        temporal state (:meth:`reset`). New ``temporal`` settings apply from the next call.
         """
         changes = {
             k: v
@@ -219,6 +232,7 @@ class StreamPipeline:
                 "seed": seed,
                 "t_index_list": None if t_index_list is None else tuple(t_index_list),
                 "cfg_type": cfg_type,
+                "temporal": temporal,
             }.items()
             if v is not None
         }
@@ -228,9 +242,15 @@ class StreamPipeline:
             self._schedule = self._make_schedule(new.t_index_list)
             if len(new.t_index_list) != self.levels:
                 self._buffer = self._stock = None
+                self._temporal.reset()
         if new.seed != self.config.seed:
             self._noise = self._make_noise(new.seed)
             self._generator.manual_seed(new.seed)
+            self._temporal.reset()
+        if new.temporal != self.config.temporal:
+            self._temporal.configure(new.temporal)
+            if new.temporal.cache_frames:
+                install_bank_processors(self.models.unet)
         self.config = new
         self._hidden.clear()
 
@@ -238,6 +258,17 @@ class StreamPipeline:
         """Drop the frames in flight: the next call primes the stream from its own input."""
         self._buffer = self._stock = None
         self._generator.manual_seed(self.config.seed)
+        self._temporal.reset()
+
+    def reset(self) -> None:
+        """Forget the temporal state (feedback latent, previous output, attention cache):
+        the next input starts a new scene, as after a hard cut (e.g. on source loss)."""
+        self._temporal.reset()
+
+    @property
+    def temporal_state(self) -> TemporalState:
+        """This stream's temporal state, for inspection."""
+        return self._temporal
 
     # ------------------------------------------------------------------ one call
 
@@ -276,7 +307,12 @@ class StreamPipeline:
         hidden = self._encoder_hidden_states(n, n_uncond)
         x_in = torch.cat([x_t[:n_uncond], x_t]) if n_uncond else x_t
         t_in = torch.cat([t[:n_uncond], t]) if n_uncond else t
-        pred = self.models.unet(x_in, t_in, hidden).sample
+        if self._bank is None:
+            pred = self.models.unet(x_in, t_in, hidden).sample
+        else:
+            self._bank.site = (sl.start, sl.stop, n_uncond)
+            kwargs = {"feature_bank": self._bank}
+            pred = self.models.unet(x_in, t_in, hidden, cross_attention_kwargs=kwargs).sample
         eps_c = pred[n_uncond:]
         if cfg == "full":
             eps_u = pred[:n_uncond]
@@ -308,7 +344,9 @@ class StreamPipeline:
         image = self.models.vae.decode(latents / self._vae_scale).sample
         return (image / 2 + 0.5).clamp(0, 1)
 
-    def _first_latents(self, image: torch.Tensor | None) -> torch.Tensor:
+    def _first_latents(
+        self, image: torch.Tensor | None, feedback: torch.Tensor | None = None
+    ) -> torch.Tensor:
         f = self.config.frame_buffer_size
         if self.config.mode == "txt2img":
             shape = (f, *self._latent_shape)
@@ -319,8 +357,11 @@ class StreamPipeline:
         if image is None or tuple(image.shape) != expected:
             got = None if image is None else tuple(image.shape)
             raise ValueError(f"img2img expects an image tensor of shape {expected}, got {got}")
-        s = self._schedule
-        return s.a[:f] * self._encode(image) + s.b[:f] * self._noise[:f]
+        s, z = self._schedule, self._encode(image)
+        if feedback is not None:  # latent feedback: z = (1 - s) * E(image) + s * z_prev
+            strength = self.config.temporal.feedback
+            z = (1 - strength) * z + strength * feedback
+        return s.a[:f] * z + s.b[:f] * self._noise[:f]
 
     def _sequential(
         self, x_t: torch.Tensor, levels: int
@@ -342,12 +383,35 @@ class StreamPipeline:
 
     @torch.inference_mode()
     def __call__(self, image: torch.Tensor | None = None) -> torch.Tensor:
-        """Process one input (``(F, 3, H, W)`` in ``[0, 1]``; ``None`` for txt2img)."""
-        x_t = self._first_latents(image)
+        """Process one input (``(F, 3, H, W)`` in ``[0, 1]``; ``None`` for txt2img).
+
+        With a temporal technique on, the input is first compared with the previous one
+        (one small device-to-host read, for the hard-cut rule)."""
+        if not self.config.temporal.active:
+            self._bank = None
+            return self._run(image, None)
+        tm, lag = self._temporal, self.latency_frames
+        if image is not None and self.config.mode == "img2img":
+            tm.observe(image.to(self.device), lag)
+        else:
+            tm.observe(None, lag)
+        self._bank = tm.bank_for_call(lag)
+        try:
+            latent = self._run(image, tm.feedback_latent(lag), keep_latent=True)
+        finally:
+            self._bank = None
+        return tm.finish(latent, self._decode(latent), lag)
+
+    def _run(
+        self, image: torch.Tensor | None, feedback: torch.Tensor | None, keep_latent: bool = False
+    ) -> torch.Tensor:
+        """One call: the decoded output, or (``keep_latent``) the output's latent."""
+        out = self._decode if not keep_latent else (lambda latent: latent)
+        x_t = self._first_latents(image, feedback)
         n, f = self.levels, self.config.frame_buffer_size
         if not self.config.use_stream_batch or n == 1:
             x0, _ = self._sequential(x_t, n)
-            return self._decode(x0)
+            return out(x0)
         if self._buffer is None:
             # Prime: fill the frames in flight with this input's own partial denoising.
             _, states = self._sequential(x_t, n - 1)
@@ -360,4 +424,4 @@ class StreamPipeline:
         s = self._schedule
         self._buffer = s.a[nxt] * x0[head] + s.b[nxt] * self._noise[nxt]
         self._stock = self._next_stock(x0[head], eps[head], stock[head], head, nxt)
-        return self._decode(x0[-f:])
+        return out(x0[-f:])

@@ -11,6 +11,7 @@ thread while frames pass through.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -298,4 +299,5 @@ def live_values(preset: Preset) -> dict[str, Any]:
     """The preset's live parameters as plain JSON values."""
     values = {name: getattr(preset, name) for name in LIVE_FIELDS}
     values["t_index_list"] = list(preset.t_index_list)
+    values.update({f"temporal.{k}": v for k, v in dataclasses.asdict(preset.temporal).items()})
     return values

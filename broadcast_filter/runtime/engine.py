@@ -35,6 +35,7 @@ def stream_config(preset: Preset, width: int, height: int) -> StreamConfig:
         guidance_scale=preset.guidance_scale,
         delta=preset.delta,
         seed=preset.seed,
+        temporal=preset.temporal,
     )
 
 
@@ -78,8 +79,14 @@ class Engine:
     def switch(self, preset: Preset, now: float) -> None:
         """Start moving to ``preset``: discrete fields now, the rest over its ``transition``."""
         target = self.pipe.encode_prompt(preset.prompt, preset.negative_prompt)
+        look = (preset.name, preset.prompt, preset.negative_prompt)
+        if look != (self.preset.name, self.preset.prompt, self.preset.negative_prompt):
+            self.pipe.reset()  # another look: no feedback or cached frames of the old one
         self.pipe.update(
-            seed=preset.seed, t_index_list=preset.t_index_list, cfg_type=preset.cfg_type
+            seed=preset.seed,
+            t_index_list=preset.t_index_list,
+            cfg_type=preset.cfg_type,
+            temporal=preset.temporal,
         )
         self._set_ssf(preset.ssf)
         self._from, self._to = self.embeds, target
@@ -91,6 +98,12 @@ class Engine:
         )
         self.preset = preset
         self._condition(now)
+
+    def reset(self) -> None:
+        """Forget the temporal state (source lost or back): the next frame starts afresh."""
+        self.pipe.reset()
+        if self._ssf is not None:
+            self._ssf.reset()
 
     def _set_ssf(self, settings: SsfSettings) -> None:
         if settings != self._ssf_settings:
