@@ -174,3 +174,21 @@ def test_engine_failure_passes_frames_through_and_says_so(library, base_model):
     assert any("CUDA out of memory" in line for line in logs)
     c.engine.pipe = real
     assert c.process(frame(1), 1.0).kind == "model" and "model recovered" in logs
+
+
+def test_temporal_fields_are_live_and_a_returning_source_resets_them(library, base_model):
+    c = make_controller(library, base_model)
+    c.process(frame(0), 0.0)
+    pipe = c.engine.pipe
+    values = c.set_params({"temporal.feedback": 0.2, "temporal.cache_frames": 2})
+    assert values["temporal.feedback"] == 0.2 and values["temporal.flow_blend"] == 0.0
+    for i in range(1, 5):
+        c.process(frame(i), float(i))
+    assert c.engine.pipe is pipe  # nothing rebuilt
+    assert pipe.config.temporal.feedback == 0.2 and pipe.config.temporal.cache_frames == 2
+    state = pipe.temporal_state
+    cuts = state.cuts
+    c.source_changed()
+    c.process(frame(5), 5.0)
+    assert state.cuts == cuts + 1 and state.last_cut == state.frame - 1
+    assert len(state.bank) == 0

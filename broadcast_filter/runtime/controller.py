@@ -80,6 +80,7 @@ class Controller:
         self.mode = "starting"
         self._engine_failed = False
         self._restart: str | None = None
+        self._source_changed = False
         self._details: Callable[[], dict[str, Any]] = dict
         self._preview: Callable[[], np.ndarray | None] = lambda: None
 
@@ -181,6 +182,12 @@ class Controller:
         with self._lock:
             self._restart = reason
 
+    def source_changed(self) -> None:
+        """The source was lost and is back: at the next frame boundary the engine forgets
+        its temporal state (feedback, previous output, attention cache)."""
+        with self._lock:
+            self._source_changed = True
+
     # ------------------------------------------------------------------ hot reload
 
     def reload_presets(self) -> list[Change]:
@@ -204,6 +211,9 @@ class Controller:
             load_error, self._load_error = self._load_error, None
             restart, self._restart = self._restart, None
             warm, self._warm = self._warm, None
+            source_changed, self._source_changed = self._source_changed, False
+        if source_changed and self.engine is not None:
+            self.engine.reset()
         if warm is not None and not warm.bypass and self._runs_on(warm.model_spec(self.base_model)):
             self.engine.pipe.encode_prompt(warm.prompt, warm.negative_prompt)
         if restart is not None and self.engine is not None and self._loading is None:

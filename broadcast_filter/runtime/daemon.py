@@ -264,6 +264,7 @@ class Daemon:
                         self._source_lost = False
                         self.telemetry.set_source_lost(False)
                         self.status.log("source is back")
+                        self.controller.source_changed()
                     self.input.put(frame)
                     self._last_input_at = time.monotonic()
                     self.telemetry.frame_in(self._last_input_at, self.input.dropped)
