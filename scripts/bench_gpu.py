@@ -5,6 +5,8 @@ Prints one JSON object per line (and a summary table on stderr):
 - ``pipeline``: 1 and 2 steps x cfg none/self/full x Stream Batch on/off (base switches);
 - ``switch``: one switch changed at a time from the base (attention, channels_last, full VAE
   instead of TAESD, dtype, torch.compile, CUDA graphs);
+- ``temporal``: 2 steps, cfg self, with each temporal technique (issue 13) on its own and all
+  together (compare with the ``pipeline`` variant 2step-self-batch);
 - ``floor``: the raw compute, VAE encode + one UNet batch + VAE decode in a bare loop;
 - ``e2e``: the fastest 1-step variant with frame conversion (uint8 host frame in, uint8 host
   frame out through :class:`FrameTransfer`), with its added latency;
@@ -42,6 +44,7 @@ from broadcast_filter.diffusion.models import load_models
 from broadcast_filter.diffusion.offline import ensure_offline_model
 from broadcast_filter.diffusion.spec import Acceleration, ModelSpec
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
+from broadcast_filter.diffusion.temporal_settings import TemporalSettings
 from broadcast_filter.runtime.frames import FrameTransfer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -61,13 +64,17 @@ class Variant:
     taesd: bool = True
     dtype: str = "auto"
     accel: Acceleration = field(default_factory=Acceleration)
+    temporal: TemporalSettings = field(default_factory=TemporalSettings)
 
     @property
     def name(self) -> str:
         vae = "taesd" if self.taesd else "vae"
         batch = "batch" if self.stream_batch else "seq"
+        t = self.temporal
+        temporal = f"-fb{t.feedback}-flow{t.flow_blend}-cache{t.cache_frames}" if t.active else ""
         return (
             f"{self.steps}step-{self.cfg_type}-{batch}-{vae}-{self.dtype}-{self.accel.describe()}"
+            + temporal
         )
 
 
@@ -76,6 +83,13 @@ def variants(device: str, compile_on_cpu: bool) -> Iterator[Variant]:
         for cfg in ("none", "self", "full"):
             for batch in (True, False) if steps > 1 else (True,):
                 yield Variant("pipeline", steps, cfg, batch)
+    for temporal in (
+        TemporalSettings(feedback=0.15),
+        TemporalSettings(flow_blend=0.5),
+        TemporalSettings(cache_frames=2),
+        TemporalSettings(feedback=0.15, flow_blend=0.5, cache_frames=2),
+    ):
+        yield Variant("temporal", 2, "self", temporal=temporal)
     yield Variant("switch", accel=Acceleration(attention="classic"))
     yield Variant("switch", accel=Acceleration(channels_last=True))
     yield Variant("switch", taesd=False)
@@ -129,6 +143,7 @@ class Bench:
             cfg_type=v.cfg_type,
             guidance_scale=1.4,
             use_stream_batch=v.stream_batch,
+            temporal=v.temporal,
         )
         pipe = StreamPipeline(models, config)
         pipe.set_prompt(PROMPT, NEGATIVE)

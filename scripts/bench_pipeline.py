@@ -14,6 +14,12 @@ Ratios printed (>1 means the first named is faster):
 
     python scripts/bench_pipeline.py                       # tiny 128x128 + sd-turbo-arch 256x256
     python scripts/bench_pipeline.py --json --models tiny --size 64
+    python scripts/bench_pipeline.py --temporal --models sd-turbo-arch:256   # issue 13's cost
+
+With ``--temporal`` the variants are cfg "self" with each temporal technique off / on
+(:data:`TEMPORAL`), the ratios are each variant's frame time over off's, and the memory the
+attention cache holds per cached frame is reported. The attention processors of the UNet
+are wrapped once for the cache variants; off runs through the same (idle) wrappers.
 """
 
 from __future__ import annotations
@@ -31,8 +37,19 @@ from diffusers.utils import logging as diffusers_logging
 from broadcast_filter.diffusion.models import ModelBundle, load_models
 from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
+from broadcast_filter.diffusion.temporal_settings import TemporalSettings
 
 PROMPT = "an oil painting of a face, warm light"
+#: ``--temporal`` variants.
+TEMPORAL = {
+    "off": TemporalSettings(),
+    "feedback": TemporalSettings(feedback=0.15),
+    "flow_blend": TemporalSettings(flow_blend=0.5),
+    "cache_1": TemporalSettings(cache_frames=1),
+    "cache_2": TemporalSettings(cache_frames=2),
+    "cache_4": TemporalSettings(cache_frames=4),
+    "all": TemporalSettings(feedback=0.15, flow_blend=0.5, cache_frames=2),
+}
 
 
 def stream_variant(
@@ -150,6 +167,45 @@ def bench_model(model: str, size: int, rounds: int, device: str, taesd: str | No
     }
 
 
+def bench_temporal(model: str, size: int, rounds: int, device: str, taesd: str | None) -> dict:
+    models = load_models(ModelSpec(id=model, taesd=taesd, device=device), progress=True)
+    levels = (32, 45)
+    image = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
+    image = image.to(models.device, models.dtype)
+    pipes = {
+        name: stream_variant(models, size, levels, cfg_type="self", temporal=temporal)
+        for name, temporal in TEMPORAL.items()
+    }
+    with torch.inference_mode():
+        seconds = measure(pipes, image, rounds)
+    bank = pipes["cache_2"].temporal_state.bank
+    per_frame = bank.nbytes / max(len(bank), 1)
+    return {
+        "model": models.name,
+        "size": f"{size}x{size}",
+        "levels": list(levels),
+        "device": str(models.device),
+        "dtype": str(models.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "ms_per_frame": {k: round(1000 * v, 1) for k, v in seconds.items()},
+        "cost_vs_off": {k: round(v / seconds["off"], 3) for k, v in seconds.items()},
+        "cache_bytes_per_frame": int(per_frame),
+    }
+
+
+def print_temporal(result: dict) -> None:
+    print(
+        f"\n{result['model']}  {result['size']}  levels={result['levels']}  "
+        f"{result['device']}/{result['dtype']}  threads={result['threads']}  "
+        f"rounds={result['rounds']}  cfg self"
+    )
+    for name, ms in result["ms_per_frame"].items():
+        print(f"  {name:<12} {ms:9.1f} ms/frame  x{result['cost_vs_off'][name]:.3f} of off")
+    mib = result["cache_bytes_per_frame"] / 2**20
+    print(f"  attention cache: {mib:.2f} MiB per cached frame (all layers, {result['levels']})")
+
+
 def print_table(result: dict) -> None:
     print(
         f"\n{result['model']}  {result['size']}  levels={result['levels']}  "
@@ -184,19 +240,19 @@ def main() -> None:
     parser.add_argument("--taesd", help='tiny autoencoder for every model (e.g. "tiny")')
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="one JSON object per model")
+    parser.add_argument("--temporal", action="store_true", help="temporal techniques vs off")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()  # custom-timestep notices from the diffusers side
     if args.threads:
         torch.set_num_threads(args.threads)
     for entry in args.models:
         model, _, size = entry.partition(":")
-        result = bench_model(
-            model, args.size or int(size or 512), args.rounds, args.device, args.taesd
-        )
+        bench = bench_temporal if args.temporal else bench_model
+        result = bench(model, args.size or int(size or 512), args.rounds, args.device, args.taesd)
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            print_table(result)
+            (print_temporal if args.temporal else print_table)(result)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python scripts/bench_quality.py                       # table + JSON, contact sheet in docs/
     python scripts/bench_quality.py --frames 24 --json out.json --sheet sheet.png
+    python scripts/bench_quality.py --temporal             # off vs each temporal technique
 
 Synthetic videos made here, each with exactly known motion:
 
@@ -21,6 +22,13 @@ the preset's own levels, Stream Batch on, SSF off:
   output has a perfect warp error, so read it beside fidelity.
 
 - autoencoder: reconstruction PSNR on held-out procedural images, per kind.
+
+With ``--temporal`` the same measurement runs once per variant of the presets' ``temporal:``
+section (:data:`VARIANTS`: off, each technique alone, combinations) and a side-by-side table
+gives, per video and averaged over the styles, warp error and fidelity (PSNR, SSIM) with
+their change against off, the consecutive-frame difference (a frozen output has none) and,
+on the cut video, the largest difference (0..255) between the first output after the cut
+and off's output for that frame.
 
 Numbers only; the tests (tests/test_demo_model.py) assert the thresholds.
 """
@@ -50,6 +58,7 @@ from broadcast_filter.diffusion.demo_data import (
 )
 from broadcast_filter.diffusion.demo_styles import STYLES, edge_magnitude
 from broadcast_filter.diffusion.spec import ModelSpec
+from broadcast_filter.diffusion.temporal_settings import TemporalSettings
 from broadcast_filter.quiet import quiet_third_party
 
 if TYPE_CHECKING:
@@ -58,6 +67,19 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configs" / "demo_presets"
 SIZE = 128
+#: ``--temporal``: the variants measured side by side (name -> the presets' temporal section).
+VARIANTS = {
+    "off": TemporalSettings(),
+    "feedback 0.15": TemporalSettings(feedback=0.15),
+    "feedback 0.3": TemporalSettings(feedback=0.3),
+    "flow 0.5": TemporalSettings(flow_blend=0.5),
+    "flow 0.7": TemporalSettings(flow_blend=0.7),
+    "cache 2": TemporalSettings(cache_frames=2),
+    "cache 4 /2": TemporalSettings(cache_frames=4, cache_interval=2),
+    "fb 0.15 + flow 0.5": TemporalSettings(feedback=0.15, flow_blend=0.5),
+    "fb 0.15 + flow 0.7": TemporalSettings(feedback=0.15, flow_blend=0.7),
+    "all (0.15, 0.7, 2)": TemporalSettings(feedback=0.15, flow_blend=0.7, cache_frames=2),
+}
 
 
 @dataclasses.dataclass
@@ -192,7 +214,10 @@ def run_style(engine: Engine, preset: Preset, frames: np.ndarray) -> np.ndarray:
     return np.stack(outputs[delay:])
 
 
-def measure(engine: Engine, presets: dict[str, Preset], videos: list[Video]) -> dict:
+def measure(
+    engine: Engine, presets: dict[str, Preset], videos: list[Video], keep: dict | None = None
+) -> dict:
+    """The figures per style and video; ``keep`` (if given) receives the outputs."""
     results: dict = {"inputs": {}, "styles": {}}
     for video in videos:
         frames_u8 = (video.frames * 255 + 0.5).astype(np.uint8)
@@ -204,6 +229,8 @@ def measure(engine: Engine, presets: dict[str, Preset], videos: list[Video]) -> 
         per_video = {}
         for video in videos:
             out = run_style(engine, preset, video.frames)
+            if keep is not None:
+                keep[(style, video.name)] = out
             inputs = (video.frames * 255 + 0.5).astype(np.uint8)
             targets = [(STYLES[style](f) * 255 + 0.5).astype(np.uint8) for f in video.frames]
             per_video[video.name] = {
@@ -262,12 +289,81 @@ def print_table(results: dict) -> None:
             )
 
 
+def measure_temporal(engine: Engine, presets: dict[str, Preset], videos: list[Video]) -> dict:
+    """:func:`measure` per :data:`VARIANTS` entry, averaged over the styles, with the cut
+    trace: max |first output after the cut - off's output for that frame| (0..255)."""
+    cut = next(v for v in videos if v.name == "cut")
+    first_new = next(i for i, s in enumerate(cut.shifts) if s is None and i > 0)
+    table: dict = {}
+    off_outputs: dict = {}
+    for name, temporal in VARIANTS.items():
+        variant = {s: dataclasses.replace(p, temporal=temporal) for s, p in presets.items()}
+        outputs: dict = {}
+        started = time.perf_counter()
+        per_style = measure(engine, variant, videos, keep=outputs)["styles"]
+        if name == "off":
+            off_outputs = outputs
+        rows = {}
+        for video in videos:
+            ms = [per_style[s][video.name] for s in presets]
+            row = {k: float(np.mean([m[k] for m in ms])) for k in ("psnr", "ssim", "edge_corr")}
+            warps = [m["warp_error"] for m in ms if m["warp_error"] is not None]
+            row["warp_error"] = float(np.mean(warps)) if warps else None
+            row["consecutive_diff"] = float(np.mean([m["consecutive_diff"] for m in ms]))
+            if video.name == "cut":
+                row["cut_trace"] = max(
+                    float(
+                        np.abs(
+                            outputs[(s, "cut")][first_new].astype(np.float32)
+                            - off_outputs[(s, "cut")][first_new].astype(np.float32)
+                        ).max()
+                    )
+                    for s in presets
+                )
+            rows[video.name] = row
+        table[name] = {
+            "temporal": dataclasses.asdict(temporal),
+            "videos": rows,
+            "per_style": per_style,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    return table
+
+
+def print_temporal(table: dict) -> None:
+    off = table["off"]["videos"]
+    print(
+        f"{'variant':<20} {'video':<7} {'warp':>6} {'dwarp':>7} {'PSNR':>6} {'dPSNR':>7} "
+        f"{'SSIM':>6} {'dSSIM':>7} {'edges':>6} {'diff':>6} {'cut':>5}"
+    )
+
+    def change(value: float | None, base: float | None) -> str:
+        if value is None or not base:
+            return "-"
+        return f"{100 * (value - base) / base:+.0f}%"
+
+    for name, entry in table.items():
+        for video, m in entry["videos"].items():
+            base = off[video]
+            warp = "-" if m["warp_error"] is None else f"{m['warp_error']:.2f}"
+            trace = f"{m['cut_trace']:.1f}" if "cut_trace" in m else ""
+            print(
+                f"{name:<20} {video:<7} {warp:>6} {change(m['warp_error'], base['warp_error']):>7} "
+                f"{m['psnr']:>6.2f} {change(m['psnr'], base['psnr']):>7} {m['ssim']:>6.3f} "
+                f"{change(m['ssim'], base['ssim']):>7} {m['edge_corr']:>6.3f} "
+                f"{m['consecutive_diff']:>6.2f} {trace:>5}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="demo", help="model id (default: the shipped demo)")
     parser.add_argument("--frames", type=int, default=24, help="frames per video")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--temporal", action="store_true", help="off vs each temporal technique, side by side"
+    )
     parser.add_argument(
         "--sheet", type=Path, default=ROOT / "docs" / "demo_contact_sheet.png", help="PNG path"
     )
@@ -285,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     engine = load_engine(spec, SIZE, SIZE, next(iter(presets.values())), progress=False)
     videos = make_videos(args.frames)
+    if args.temporal:
+        results = {"temporal": measure_temporal(engine, presets, videos)}
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        results["command"] = "python scripts/bench_quality.py " + " ".join(argv or sys.argv[1:])
+        print_temporal(results["temporal"])
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     results = measure(engine, presets, videos)
     results["autoencoder_psnr_db"] = autoencoder_psnr(engine)
     contact_sheet(engine, presets, videos[0], args.sheet)

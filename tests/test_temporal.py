@@ -15,6 +15,7 @@ from broadcast_filter.control.config import ConfigError
 from broadcast_filter.control.presets import Preset, SsfSettings, load_preset, with_param
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
 from broadcast_filter.diffusion.temporal import (
+    FEEDBACK_RAMP,
     BankAttnProcessor,
     FeatureBank,
     estimate_flow,
@@ -101,7 +102,8 @@ def test_wrapped_attention_processors_without_a_bank_change_nothing(own_models):
 
 
 def test_latent_feedback_is_exactly_the_documented_blend(tiny_models):
-    """z = (1 - s) * E(image) + s * z_prev, z_prev the latent of the previous output."""
+    """z = (1 - s_k) * E(image) + s_k * z_prev, z_prev the previous frame's output latent,
+    s_k = s * min(1, k / FEEDBACK_RAMP) on the k-th frame after a cut."""
     s = 0.3
     pipe = make(
         tiny_models,
@@ -110,18 +112,51 @@ def test_latent_feedback_is_exactly_the_documented_blend(tiny_models):
         cfg_type="none",
         use_stream_batch=False,
     )
-    x1, x2 = scene(3, 2)
-    out1 = pipe(x1)  # the first frame starts a scene: nothing to feed back
-    z_prev = pipe.temporal_state.prev_latent.clone()
-    with torch.inference_mode():
-        torch.testing.assert_close(pipe._decode(z_prev), out1, atol=0, rtol=0)
-        sch = pipe._schedule
-        z = (1 - s) * pipe._encode(x2) + s * z_prev
-        x_t = sch.a[:1] * z + sch.b[:1] * pipe._noise[:1]
-        eps = tiny_models.unet(x_t, sch.timesteps[:1], pipe._embeds.cond).sample
-        x0 = sch.c_out[:1] * (x_t - sch.b[:1] * eps) / sch.a[:1] + sch.c_skip[:1] * x_t
-        expected = pipe._decode(x0)
-    torch.testing.assert_close(pipe(x2), expected, atol=1e-6, rtol=0)
+    inputs = scene(3, FEEDBACK_RAMP + 2)
+    out = pipe(inputs[0])  # the first frame starts a scene: nothing to feed back
+    for k, x in enumerate(inputs[1:], start=1):
+        z_prev = pipe.temporal_state.prev_latent.clone()
+        with torch.inference_mode():
+            torch.testing.assert_close(pipe._decode(z_prev), out, atol=0, rtol=0)
+            sch = pipe._schedule
+            s_k = s * min(1.0, k / FEEDBACK_RAMP)
+            z = (1 - s_k) * pipe._encode(x) + s_k * z_prev
+            x_t = sch.a[:1] * z + sch.b[:1] * pipe._noise[:1]
+            eps = tiny_models.unet(x_t, sch.timesteps[:1], pipe._embeds.cond).sample
+            x0 = sch.c_out[:1] * (x_t - sch.b[:1] * eps) / sch.a[:1] + sch.c_skip[:1] * x_t
+            expected = pipe._decode(x0)
+        out = pipe(x)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_feedback_with_stream_batch_feeds_the_previous_frames_first_level_estimate(tiny_models):
+    """One chain of frames, not lag + 1 interleaved ones: what frame k is fed comes from
+    frame k - 1 (its first-level clean-latent prediction), not from the output latent."""
+    pipe = make(tiny_models, TemporalSettings(feedback=0.3), t_index_list=(20, 40))
+    seen = []
+    first_latents = pipe._first_latents
+
+    def spy(image, feedback=None):
+        seen.append(None if feedback is None else feedback[0].clone())
+        return first_latents(image, feedback)
+
+    pipe._first_latents = spy
+    unet_inputs = []
+    hook = tiny_models.unet.register_forward_pre_hook(
+        lambda _m, args: unet_inputs.append(args[0].clone())
+    )
+    try:
+        for x in scene(15, 4):
+            pipe(x)
+    finally:
+        hook.remove()
+    assert seen[0] is None and all(z is not None for z in seen[1:])
+    sch = pipe._schedule
+    # Call 3's batch: [frame 3 at level 0, frame 2 at level 1]; frame 2's level-1 input was
+    # made from its level-0 prediction at call 2, which is what call 3 was fed.
+    x_level1 = unet_inputs[-1][1:]
+    expected = sch.a[1:2] * seen[3] + sch.b[1:2] * pipe._noise[1:2]
+    torch.testing.assert_close(x_level1, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))
@@ -241,7 +276,7 @@ def test_the_cache_is_empty_right_after_a_cut(tiny_models):
     assert len(state.bank) == 2 and state.prev_latent is not None
     pipe(scene(12, 1)[0])
     assert len(state.bank) == 0  # cleared, and not refilled while old frames are in flight
-    assert state.feedback_latent(pipe.latency_frames) is None
+    assert state.feedback_latent() is None  # the cut frame itself is not fed anything
 
 
 @pytest.mark.parametrize("how", ["reset", "seed", "restart"])

@@ -345,7 +345,7 @@ class StreamPipeline:
         return (image / 2 + 0.5).clamp(0, 1)
 
     def _first_latents(
-        self, image: torch.Tensor | None, feedback: torch.Tensor | None = None
+        self, image: torch.Tensor | None, feedback: tuple[torch.Tensor, float] | None = None
     ) -> torch.Tensor:
         f = self.config.frame_buffer_size
         if self.config.mode == "txt2img":
@@ -359,8 +359,8 @@ class StreamPipeline:
             raise ValueError(f"img2img expects an image tensor of shape {expected}, got {got}")
         s, z = self._schedule, self._encode(image)
         if feedback is not None:  # latent feedback: z = (1 - s) * E(image) + s * z_prev
-            strength = self.config.temporal.feedback
-            z = (1 - strength) * z + strength * feedback
+            z_prev, strength = feedback
+            z = (1 - strength) * z + strength * z_prev
         return s.a[:f] * z + s.b[:f] * self._noise[:f]
 
     def _sequential(
@@ -397,21 +397,29 @@ class StreamPipeline:
             tm.observe(None, lag)
         self._bank = tm.bank_for_call(lag)
         try:
-            latent = self._run(image, tm.feedback_latent(lag), keep_latent=True)
+            latent, newest = self._run(image, tm.feedback_latent(), keep_latent=True)
         finally:
             self._bank = None
-        return tm.finish(latent, self._decode(latent), lag)
+        return tm.finish(newest, self._decode(latent), lag)
 
     def _run(
-        self, image: torch.Tensor | None, feedback: torch.Tensor | None, keep_latent: bool = False
-    ) -> torch.Tensor:
-        """One call: the decoded output, or (``keep_latent``) the output's latent."""
-        out = self._decode if not keep_latent else (lambda latent: latent)
+        self,
+        image: torch.Tensor | None,
+        feedback: tuple[torch.Tensor, float] | None,
+        keep_latent: bool = False,
+    ):
+        """One call: the decoded output, or (``keep_latent``) the output's latent and the
+        newest frame's clean-latent estimate (with Stream Batch its first-level prediction:
+        the output latent is of a frame ``lag`` calls older)."""
+
+        def out(latent: torch.Tensor, newest: torch.Tensor):
+            return (latent, newest) if keep_latent else self._decode(latent)
+
         x_t = self._first_latents(image, feedback)
         n, f = self.levels, self.config.frame_buffer_size
         if not self.config.use_stream_batch or n == 1:
             x0, _ = self._sequential(x_t, n)
-            return out(x0)
+            return out(x0, x0)
         if self._buffer is None:
             # Prime: fill the frames in flight with this input's own partial denoising.
             _, states = self._sequential(x_t, n - 1)
@@ -424,4 +432,4 @@ class StreamPipeline:
         s = self._schedule
         self._buffer = s.a[nxt] * x0[head] + s.b[nxt] * self._noise[nxt]
         self._stock = self._next_stock(x0[head], eps[head], stock[head], head, nxt)
-        return out(x0[-f:])
+        return out(x0[-f:], x0[:f])

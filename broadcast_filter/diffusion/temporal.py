@@ -10,8 +10,11 @@ Frame bookkeeping. Call ``k`` takes input frame ``k``; with Stream Batch its out
 explicit :meth:`TemporalState.reset`, the first frame) at frame ``c`` means nothing from
 before ``c`` may reach an output of frame ``c`` or later:
 
-- feedback at call ``k`` blends in the latent of the previous output (frame ``k - 1 - lag``):
-  allowed when ``c <= k - 1 - lag``;
+- feedback at call ``k`` blends in the previous call's clean-latent estimate of frame
+  ``k - 1`` (without Stream Batch its output latent, with it the first level's prediction,
+  so that the frames form one chain rather than ``lag + 1`` interleaved ones): allowed when
+  ``c <= k - 1``, at a strength that ramps up over :data:`FEEDBACK_RAMP` frames after a cut
+  (the first frames of a scene have nothing to feed back; a full-strength start would jump);
 - the output blend at call ``k`` mixes frame ``k - lag`` with frame ``k - 1 - lag``: the
   same rule;
 - the feature bank is emptied at a cut and records again only once every frame of the
@@ -33,10 +36,13 @@ _THUMB = 32  # cut detection works on 32x32 luma copies
 _FLOW_MAX = 128  # the flow is estimated at most this wide/high
 _RADIUS = 4  # block-matching search radius at the flow's resolution
 _WINDOW = 7  # block size of the matching cost
+_CONTEXT = 31  # a wider block that decides where the small one is ambiguous (flat regions)
 _ZERO_BIAS = 0.002  # cost per pixel of motion: flat regions prefer no motion
 _OCCLUDED = 0.06  # matching cost (mean |difference|, 0..1) above which a pixel is not blended
 
 _LUMA = (0.299, 0.587, 0.114)
+#: Frames over which latent feedback ramps up to its strength after a cut.
+FEEDBACK_RAMP = 4
 
 
 def luma(image: torch.Tensor) -> torch.Tensor:
@@ -67,26 +73,27 @@ def flow_scale(height: int, width: int) -> int:
 def estimate_flow(prev: torch.Tensor, cur: torch.Tensor, scale: int) -> torch.Tensor:
     """Dense integer motion from ``prev`` to ``cur`` (luma ``(F, 1, H, W)``) by block
     matching at ``1/scale`` resolution: returns ``(F, 3, h, w)`` holding per pixel
-    ``(dx, dy)`` in full-resolution pixels (``cur(p) ~ prev(p - d)``) and the matching cost.
-    """
+    ``(dx, dy)`` in full-resolution pixels (``cur(p) ~ prev(p - d)``) and the matching cost
+    (mean absolute difference over the small block). The cost that picks the motion adds a
+    wider block's and the whole frame's, so flat regions take their neighbours' or the
+    dominant motion, and a small bias toward no motion."""
     if scale > 1:
         prev, cur = F.avg_pool2d(prev, scale), F.avg_pool2d(cur, scale)
     r, (h, w) = _RADIUS, cur.shape[-2:]
     padded = F.pad(prev, (r, r, r, r), mode="replicate")
-    costs, shifts = [], []
+    costs, nears, shifts = [], [], []
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             moved = padded[..., r - dy : r - dy + h, r - dx : r - dx + w]
-            diff = F.avg_pool2d(
-                (cur - moved).abs(),
-                _WINDOW,
-                stride=1,
-                padding=_WINDOW // 2,
-                count_include_pad=False,
-            )
-            costs.append(diff + _ZERO_BIAS * (abs(dx) + abs(dy)))
+            diff = (cur - moved).abs()
+            near = F.avg_pool2d(diff, _WINDOW, 1, _WINDOW // 2, count_include_pad=False)
+            wide = F.avg_pool2d(diff, _CONTEXT, 1, _CONTEXT // 2, count_include_pad=False)
+            nears.append(near)
+            whole = diff.mean(dim=(2, 3), keepdim=True)
+            costs.append(near + 0.5 * wide + 0.25 * whole + _ZERO_BIAS * (abs(dx) + abs(dy)))
             shifts.append((dx, dy))
     cost, best = torch.cat(costs, dim=1).min(dim=1, keepdim=True)
+    cost = torch.gather(torch.cat(nears, dim=1), 1, best)
     table = torch.tensor(shifts, device=cur.device, dtype=cur.dtype) * scale  # (S, 2)
     d = table[best.squeeze(1)].permute(0, 3, 1, 2)  # (F, 2, h, w)
     return torch.cat([d, cost], dim=1)
@@ -223,7 +230,7 @@ class TemporalState:
         self.last_cut = 0
         self.cuts = 0  # how many resets so far (cuts, explicit resets, the first frame)
         self.last_similarity: float | None = None
-        self.prev_latent: torch.Tensor | None = None  # latent of the previous output
+        self.prev_latent: torch.Tensor | None = None  # previous frame's clean-latent estimate
         self.prev_output: torch.Tensor | None = None  # the previous output as shown
         self._inputs: deque[torch.Tensor] = deque()  # luma of the latest inputs
         self._reset_pending = True
@@ -285,9 +292,11 @@ class TemporalState:
         """Whether the previous output and this call's output are of the same scene."""
         return self.last_cut <= self._call() - 1 - lag
 
-    def feedback_latent(self, lag: int) -> torch.Tensor | None:
-        if self.settings.feedback > 0 and self.prev_latent is not None and self.continues(lag):
-            return self.prev_latent
+    def feedback_latent(self) -> tuple[torch.Tensor, float] | None:
+        """``(z_prev, s)`` for this call's latent feedback, or ``None``."""
+        since = self._call() - self.last_cut  # >= 1: the previous frame is of this scene
+        if self.settings.feedback > 0 and self.prev_latent is not None and since >= 1:
+            return self.prev_latent, self.settings.feedback * min(1.0, since / FEEDBACK_RAMP)
         return None
 
     def bank_for_call(self, lag: int) -> FeatureBank | None:
@@ -300,12 +309,13 @@ class TemporalState:
         self.bank.recording = since >= 0 and since % self.settings.cache_interval == 0
         return self.bank
 
-    def finish(self, latent: torch.Tensor, output: torch.Tensor, lag: int) -> torch.Tensor:
-        """Keep this call's output latent and return the output, blended with the previous
-        output moved by the input's motion when ``flow_blend`` is on and allowed."""
+    def finish(self, newest: torch.Tensor, output: torch.Tensor, lag: int) -> torch.Tensor:
+        """Keep this call's clean-latent estimate of its newest frame (for feedback) and
+        return the output, blended with the previous output moved by the input's motion
+        when ``flow_blend`` is on and allowed."""
         self.bank.commit()
         if self.settings.feedback > 0:
-            self.prev_latent = latent
+            self.prev_latent = newest
         alpha = self.settings.flow_blend
         ready = self.prev_output is not None and len(self._inputs) >= lag + 2
         if alpha > 0 and ready and self.continues(lag):
