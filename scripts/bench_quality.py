@@ -75,8 +75,6 @@ VARIANTS = {
     "flow 0.5": TemporalSettings(flow_blend=0.5),
     "flow 0.7": TemporalSettings(flow_blend=0.7),
     "cache 2": TemporalSettings(cache_frames=2),
-    "cache 4 /2": TemporalSettings(cache_frames=4, cache_interval=2),
-    "fb 0.15 + flow 0.5": TemporalSettings(feedback=0.15, flow_blend=0.5),
     "fb 0.15 + flow 0.7": TemporalSettings(feedback=0.15, flow_blend=0.7),
     "all (0.15, 0.7, 2)": TemporalSettings(feedback=0.15, flow_blend=0.7, cache_frames=2),
 }

@@ -70,6 +70,21 @@ def flow_scale(height: int, width: int) -> int:
     return max(1, -(-max(height, width) // _FLOW_MAX))
 
 
+def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over a ``size`` x ``size`` window around each pixel of ``(N, C, H, W)``, the
+    window cut at the borders (summed-area table: the cost does not grow with ``size``)."""
+    half = size // 2
+    h, w = x.shape[-2:]
+    table = F.pad(x.float().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    y0, y1 = (ys - half).clamp(0, h), (ys + half + 1).clamp(0, h)
+    x0, x1 = (xs - half).clamp(0, w), (xs + half + 1).clamp(0, w)
+    rows1, rows0 = table[..., y1, :], table[..., y0, :]
+    total = rows1[..., x1] - rows1[..., x0] - rows0[..., x1] + rows0[..., x0]
+    count = (y1 - y0).view(-1, 1) * (x1 - x0).view(1, -1)
+    return (total / count).to(x.dtype)
+
+
 def estimate_flow(prev: torch.Tensor, cur: torch.Tensor, scale: int) -> torch.Tensor:
     """Dense integer motion from ``prev`` to ``cur`` (luma ``(F, 1, H, W)``) by block
     matching at ``1/scale`` resolution: returns ``(F, 3, h, w)`` holding per pixel
@@ -81,19 +96,21 @@ def estimate_flow(prev: torch.Tensor, cur: torch.Tensor, scale: int) -> torch.Te
         prev, cur = F.avg_pool2d(prev, scale), F.avg_pool2d(cur, scale)
     r, (h, w) = _RADIUS, cur.shape[-2:]
     padded = F.pad(prev, (r, r, r, r), mode="replicate")
-    costs, nears, shifts = [], [], []
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            moved = padded[..., r - dy : r - dy + h, r - dx : r - dx + w]
-            diff = (cur - moved).abs()
-            near = F.avg_pool2d(diff, _WINDOW, 1, _WINDOW // 2, count_include_pad=False)
-            wide = F.avg_pool2d(diff, _CONTEXT, 1, _CONTEXT // 2, count_include_pad=False)
-            nears.append(near)
-            whole = diff.mean(dim=(2, 3), keepdim=True)
-            costs.append(near + 0.5 * wide + 0.25 * whole + _ZERO_BIAS * (abs(dx) + abs(dy)))
-            shifts.append((dx, dy))
-    cost, best = torch.cat(costs, dim=1).min(dim=1, keepdim=True)
-    cost = torch.gather(torch.cat(nears, dim=1), 1, best)
+    shifts = [(dx, dy) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    diff = torch.cat(
+        [(cur - padded[..., r - dy : r - dy + h, r - dx : r - dx + w]).abs() for dx, dy in shifts],
+        dim=1,
+    )  # (F, S, h, w)
+    near = box_mean(diff, _WINDOW)
+    bias = torch.tensor([abs(dx) + abs(dy) for dx, dy in shifts], device=cur.device)
+    choice = (
+        near
+        + 0.5 * box_mean(diff, _CONTEXT)
+        + 0.25 * diff.mean(dim=(2, 3), keepdim=True)
+        + _ZERO_BIAS * bias.to(diff.dtype).view(1, -1, 1, 1)
+    )
+    best = choice.argmin(dim=1, keepdim=True)
+    cost = torch.gather(near, 1, best)
     table = torch.tensor(shifts, device=cur.device, dtype=cur.dtype) * scale  # (S, 2)
     d = table[best.squeeze(1)].permute(0, 3, 1, 2)  # (F, 2, h, w)
     return torch.cat([d, cost], dim=1)
