@@ -1,8 +1,9 @@
 """The diffusion core: StreamDiffusion on diffusers components, free of I/O.
 
 The engine API is exported here; importing the package imports no torch (the settings in
-:mod:`~broadcast_filter.diffusion.spec` and :mod:`~broadcast_filter.diffusion.schedule`
-are torch-free), each name's module is imported on first use.
+:mod:`~broadcast_filter.diffusion.spec`, :mod:`~broadcast_filter.diffusion.schedule` and
+:mod:`~broadcast_filter.diffusion.temporal_settings` are torch-free), each name's module is
+imported on first use.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _HOME = {
     "StreamConfig": "stream",
     "StreamPipeline": "stream",
     "SimilarityFilter": "similarity",
+    "TemporalSettings": "temporal_settings",
+    "TemporalState": "temporal",
 }
 __all__ = sorted(_HOME)
 
