@@ -128,7 +128,9 @@ def test_slow_engine_capture_keeps_its_rate_output_keeps_the_target_and_nothing_
     # the output repeated the last frame where the model had nothing new
     assert s["frames_out"] - s["frames_repeated"] <= s["frames_model"] + 1
     assert s["frames_repeated"] >= 60 - s["frames_model"] - 1
-    assert live_frames[0] <= 4  # newest input, one in the engine, maybe one being made
+    # a handful, not a queue (60+ were captured): the newest in the input slot, the one in the
+    # engine, one being made by the source, and the one the output thread's tick still holds
+    assert live_frames[0] <= 6
     assert s["latency_ms_p50"] > 0 and s["preset"] == "anime" and s["mode"] == "styled"
     assert sink.closed == 1
 
