@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline
 
+from broadcast_filter.diffusion.batch import drive
 from broadcast_filter.diffusion.schedule import strength_to_t_index_list
 from broadcast_filter.diffusion.stream import PromptEmbeds, StreamConfig, StreamPipeline
 
@@ -118,7 +119,7 @@ class Reference:
 
     def __call__(self, image: torch.Tensor, cfg: str, g: float, delta: float) -> torch.Tensor:
         pipe, emb = self.pipe, self.pipe._embeds
-        x = self.a[0] * pipe._encode(image) + self.b[0] * fixed_noise(pipe, 0)
+        x = self.a[0] * drive(pipe._encode(image)) + self.b[0] * fixed_noise(pipe, 0)
         stock = fixed_noise(pipe, 0)
         for i, t in enumerate(self.t):
             eps_c = self.eps(x, t, emb.cond)
@@ -131,7 +132,7 @@ class Reference:
             eps = eps_c if cfg == "none" else eps_u + g * (eps_c - eps_u)
             x0 = self.c_out[i] * (x - self.b[i] * eps) / self.a[i] + self.c_skip[i] * x
             if i + 1 == len(self.t):
-                return pipe._decode(x0)
+                return drive(pipe._decode(x0))
             noise = fixed_noise(pipe, i + 1)
             carried = self.b[i] * stock
             left = (
@@ -163,12 +164,12 @@ def test_full_cfg_equals_textbook_formula_with_two_separate_unet_calls(tiny_mode
     with torch.inference_mode():
         t = pipe._schedule.timesteps
         a, b = pipe._schedule.a[0], pipe._schedule.b[0]
-        x = a * pipe._encode(image) + b * fixed_noise(pipe, 0)
+        x = a * drive(pipe._encode(image)) + b * fixed_noise(pipe, 0)
         eps_c = tiny_models.unet(x, t, pipe._embeds.cond).sample
         eps_u = tiny_models.unet(x, t, pipe._embeds.uncond).sample
         eps = eps_u + g * (eps_c - eps_u)
         x0 = pipe._schedule.c_out[0] * (x - b * eps) / a + pipe._schedule.c_skip[0] * x
-        expected = pipe._decode(x0)
+        expected = drive(pipe._decode(x0))
     torch.testing.assert_close(pipe(image), expected, atol=ATOL, rtol=0)
 
 

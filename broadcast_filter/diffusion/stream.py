@@ -3,7 +3,10 @@
 One call of :class:`StreamPipeline` takes one input frame (or ``frame_buffer_size`` frames)
 and returns one output frame. With Stream Batch on, the UNet sees one batch per call that
 holds the new frame at the first denoising level and the ``n - 1`` older frames at the later
-levels; the output is the frame that entered ``n - 1`` calls ago, fully denoised.
+levels; the output is the frame that entered ``n - 1`` calls ago, fully denoised. A call is a
+:meth:`~StreamPipeline.step` (a generator of model requests, :mod:`.batch`) run alone; the
+steps of several pipelines on one model can run together and share each call
+(:func:`~broadcast_filter.diffusion.batch.drive_together`).
 
 Images in and out: ``torch.Tensor`` of shape ``(F, 3, H, W)``, RGB, values in ``[0, 1]``, on
 the pipeline's device (``F = frame_buffer_size``). Nothing in a step leaves the device.
@@ -16,13 +19,13 @@ one denoise is ``x0 = c_out * (x_t - b * eps) / a + c_skip * x_t``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers import AutoencoderTiny
 
+from broadcast_filter.diffusion.batch import Decode, Encode, Request, Step, UNetCall, drive
 from broadcast_filter.diffusion.schedule import (
     CFG_TYPES,
     DEFAULT_T_INDEX,
@@ -118,7 +121,6 @@ class StreamPipeline:
             )
         self.models = models
         self.device, self.dtype = models.device, models.dtype
-        self._tiny_vae = isinstance(models.vae, AutoencoderTiny)
         self._vae_scale = float(models.vae.config.scaling_factor)
         self._latent_shape = (4, self.config.height // 8, self.config.width // 8)
         self._embeds_cache: OrderedDict[tuple[str, str], PromptEmbeds] = OrderedDict()
@@ -289,7 +291,7 @@ class StreamPipeline:
 
     def _denoise(
         self, x_t: torch.Tensor, stock: torch.Tensor, sl: slice
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One UNet call on ``x_t`` (schedule elements ``sl``): returns ``(x0, eps, stock)``.
 
         ``stock`` is the residual noise of each element, the negative prediction of the
@@ -307,12 +309,11 @@ class StreamPipeline:
         hidden = self._encoder_hidden_states(n, n_uncond)
         x_in = torch.cat([x_t[:n_uncond], x_t]) if n_uncond else x_t
         t_in = torch.cat([t[:n_uncond], t]) if n_uncond else t
-        if self._bank is None:
-            pred = self.models.unet(x_in, t_in, hidden).sample
-        else:
+        kwargs = None
+        if self._bank is not None:
             self._bank.site = (sl.start, sl.stop, n_uncond)
             kwargs = {"feature_bank": self._bank}
-            pred = self.models.unet(x_in, t_in, hidden, cross_attention_kwargs=kwargs).sample
+        pred = yield UNetCall(self.models.unet, x_in, t_in, hidden, kwargs)
         eps_c = pred[n_uncond:]
         if cfg == "full":
             eps_u = pred[:n_uncond]
@@ -334,19 +335,17 @@ class StreamPipeline:
         left = s.c_out[sl] * (carried - s.b[sl] * eps) / s.a[sl] + s.c_skip[sl] * carried
         return self._noise[nxt] + s.a[nxt] * left / s.b[nxt]
 
-    def _encode(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.to(self.device, self.dtype) * 2 - 1
-        out = self.models.vae.encode(x)
-        latents = out.latents if self._tiny_vae else out.latent_dist.mode()
+    def _encode(self, image: torch.Tensor) -> Generator[Request, torch.Tensor, torch.Tensor]:
+        latents = yield Encode(self.models.vae, image.to(self.device, self.dtype) * 2 - 1)
         return latents * self._vae_scale
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        image = self.models.vae.decode(latents / self._vae_scale).sample
+    def _decode(self, latents: torch.Tensor) -> Generator[Request, torch.Tensor, torch.Tensor]:
+        image = yield Decode(self.models.vae, latents / self._vae_scale)
         return (image / 2 + 0.5).clamp(0, 1)
 
     def _first_latents(
         self, image: torch.Tensor | None, feedback: tuple[torch.Tensor, float] | None = None
-    ) -> torch.Tensor:
+    ) -> Generator[Request, torch.Tensor, torch.Tensor]:
         f = self.config.frame_buffer_size
         if self.config.mode == "txt2img":
             shape = (f, *self._latent_shape)
@@ -357,7 +356,7 @@ class StreamPipeline:
         if image is None or tuple(image.shape) != expected:
             got = None if image is None else tuple(image.shape)
             raise ValueError(f"img2img expects an image tensor of shape {expected}, got {got}")
-        s, z = self._schedule, self._encode(image)
+        s, z = self._schedule, (yield from self._encode(image))
         if feedback is not None:  # latent feedback: z = (1 - s) * E(image) + s * z_prev
             z_prev, strength = feedback
             z = (1 - strength) * z + strength * z_prev
@@ -365,15 +364,15 @@ class StreamPipeline:
 
     def _sequential(
         self, x_t: torch.Tensor, levels: int
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    ) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]]:
         """Denoise the newest frame(s) level by level; also return each later level's
         ``(latent, stock)`` so a Stream Batch buffer can be primed from them."""
         f = self.config.frame_buffer_size
         stock = self._noise[:f]
-        states: list[tuple[torch.Tensor, torch.Tensor]] = []
+        states: list[tuple[torch.Tensor, ...]] = []
         for i in range(levels):
             sl = slice(i * f, (i + 1) * f)
-            x0, eps, stock = self._denoise(x_t, stock, sl)
+            x0, eps, stock = yield from self._denoise(x_t, stock, sl)
             if i + 1 < self.levels:
                 nxt = slice((i + 1) * f, (i + 2) * f)
                 stock = self._next_stock(x0, eps, stock, sl, nxt)
@@ -381,15 +380,18 @@ class StreamPipeline:
                 states.append((x_t, stock))
         return x0, states
 
-    @torch.inference_mode()
     def __call__(self, image: torch.Tensor | None = None) -> torch.Tensor:
-        """Process one input (``(F, 3, H, W)`` in ``[0, 1]``; ``None`` for txt2img).
+        """Process one input (``(F, 3, H, W)`` in ``[0, 1]``; ``None`` for txt2img)."""
+        return drive(self.step(image))
 
-        With a temporal technique on, the input is first compared with the previous one
-        (one small device-to-host read, for the hard-cut rule)."""
+    def step(self, image: torch.Tensor | None = None) -> Step:
+        """One call as a generator of model requests (see :mod:`.batch`), returning the
+        output. With a temporal technique on, the input is first compared with the previous
+        one (one small device-to-host read, for the hard-cut rule)."""
         if not self.config.temporal.active:
             self._bank = None
-            return self._run(image, None)
+            latent, _ = yield from self._run(image, None)
+            return (yield from self._decode(latent))
         tm, lag = self._temporal, self.latency_frames
         if image is not None and self.config.mode == "img2img":
             tm.observe(image.to(self.device), lag)
@@ -397,39 +399,32 @@ class StreamPipeline:
             tm.observe(None, lag)
         self._bank = tm.bank_for_call(lag)
         try:
-            latent, newest = self._run(image, tm.feedback_latent(), keep_latent=True)
+            latent, newest = yield from self._run(image, tm.feedback_latent())
         finally:
             self._bank = None
-        return tm.finish(newest, self._decode(latent), lag)
+        return tm.finish(newest, (yield from self._decode(latent)), lag)
 
     def _run(
-        self,
-        image: torch.Tensor | None,
-        feedback: tuple[torch.Tensor, float] | None,
-        keep_latent: bool = False,
-    ):
-        """One call: the decoded output, or (``keep_latent``) the output's latent and the
-        newest frame's clean-latent estimate (with Stream Batch its first-level prediction:
-        the output latent is of a frame ``lag`` calls older)."""
-
-        def out(latent: torch.Tensor, newest: torch.Tensor):
-            return (latent, newest) if keep_latent else self._decode(latent)
-
-        x_t = self._first_latents(image, feedback)
+        self, image: torch.Tensor | None, feedback: tuple[torch.Tensor, float] | None
+    ) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One call's UNet work: the output's latent and the newest frame's clean-latent
+        estimate (with Stream Batch its first-level prediction: the output latent is of a
+        frame ``lag`` calls older)."""
+        x_t = yield from self._first_latents(image, feedback)
         n, f = self.levels, self.config.frame_buffer_size
         if not self.config.use_stream_batch or n == 1:
-            x0, _ = self._sequential(x_t, n)
-            return out(x0, x0)
+            x0, _ = yield from self._sequential(x_t, n)
+            return x0, x0
         if self._buffer is None:
             # Prime: fill the frames in flight with this input's own partial denoising.
-            _, states = self._sequential(x_t, n - 1)
+            _, states = yield from self._sequential(x_t, n - 1)
             self._buffer = torch.cat([x for x, _ in states])
             self._stock = torch.cat([s for _, s in states])
         x_batch = torch.cat([x_t, self._buffer])
         stock = torch.cat([self._noise[:f], self._stock])
-        x0, eps, stock = self._denoise(x_batch, stock, slice(0, n * f))
+        x0, eps, stock = yield from self._denoise(x_batch, stock, slice(0, n * f))
         head, nxt = slice(0, (n - 1) * f), slice(f, n * f)
         s = self._schedule
         self._buffer = s.a[nxt] * x0[head] + s.b[nxt] * self._noise[nxt]
         self._stock = self._next_stock(x0[head], eps[head], stock[head], head, nxt)
-        return out(x0[-f:], x0[:f])
+        return x0[-f:], x0[:f]
