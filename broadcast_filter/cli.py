@@ -51,6 +51,11 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
+    if config.streams and (args.source is not None or args.output):
+        raise UsageError(
+            f"--source/--output: {config.path} has streams:, give each stream's source "
+            "and sinks there"
+        )
     if args.source is not None:
         config = replace(config, source=replace(config.source, url=args.source))
     if args.output:
@@ -64,6 +69,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from broadcast_filter.runtime.daemon import Limits
 
     limits = Limits(frames=args.frames, duration=args.duration)
+    if config.streams:
+        from broadcast_filter.runtime.site import build_site
+        from broadcast_filter.runtime.telemetry import StatusLine
+
+        site = build_site(config, preset=args.preset, limits=limits, status=StatusLine(sys.stderr))
+        return site.run()
     return run_daemon(config, preset=args.preset, limits=limits)
 
 

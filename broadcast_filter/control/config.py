@@ -21,7 +21,7 @@ import yaml
 
 from broadcast_filter.control.api_settings import ApiSettings, is_loopback
 from broadcast_filter.control.obs_settings import ObsSettings
-from broadcast_filter.diffusion.spec import Acceleration, ModelSpec
+from broadcast_filter.diffusion.spec import Acceleration, ModelSpec, resolve_refs
 from broadcast_filter.runtime.watchdog import SafetySettings
 from broadcast_filter.setting import setting
 
@@ -518,9 +518,58 @@ class PresetSettings:
     start: str | None = setting(None, help="preset on air at start")
 
 
+SINKS = Items(schema_of(SinkSettings, shorthand="url"), 1)
+SINKS_HELP = "a list such as [vcam]"
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """One stream of a multi-stream daemon (``streams:``): its own source, sinks, presets,
+    OBS bridge and API; model, resolution and fps are the top level's unless given here
+    (``model`` keys override the top-level model's, as in a preset)."""
+
+    name: str = setting("", required=True, help="names the stream on the status line, metrics")
+    source: SourceSettings = setting(factory=SourceSettings)
+    sinks: tuple[SinkSettings, ...] = setting((), required=True, help=SINKS_HELP, check=SINKS)
+    presets: PresetSettings | None = setting(None, help="default: the top-level presets")
+    model: dict[str, Any] = setting(factory=dict, check=model_section(overrides=True))
+    resolution: tuple[int, int] | None = setting(None, check=optional(_resolution))
+    fps: float | None = setting(None, lo=1, hi=240)
+    obs: ObsSettings | None = setting(None, help="this stream's OBS bridge", check=OBS)
+    api: ApiSettings | None = setting(None, help="this stream's API and dock", check=API)
+
+
+def _streams_cross(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """Either one stream at the top level (``sinks:``) or a ``streams:`` list."""
+    streams = values.get("streams") or ()
+    if not streams:
+        if not values.get("sinks"):
+            return [("sinks", f"missing required field ({SINKS_HELP})")]
+        return []
+    problems = [
+        (key, "with streams:, give it per stream")
+        for key in ("source", "sinks", "obs", "api")
+        if values.get(key) not in (None, ())
+    ]
+    names = [s.name for s in streams]
+    problems += [
+        ("streams", f"stream name {n!r} given twice")
+        for n in sorted(set(names))
+        if names.count(n) > 1
+    ]
+    ports = [s.api.port for s in streams if s.api is not None and s.api.port]
+    problems += [
+        ("streams", f"api.port {p} given to two streams")
+        for p in sorted(set(ports))
+        if ports.count(p) > 1
+    ]
+    return problems
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
-    """The whole daemon: model, frame size and rate, source, sinks, presets, OBS, safety.
+    """The whole daemon: model, frame size and rate, source, sinks, presets, OBS, safety —
+    or, with ``streams:``, several streams on one model (:meth:`stream_configs`).
     Local model paths are absolute, resolved against the config file's folder."""
 
     path: Path
@@ -528,16 +577,41 @@ class DaemonConfig:
     resolution: tuple[int, int] = setting((512, 512), check=_resolution)
     fps: float = setting(30.0, lo=1, hi=240)
     source: SourceSettings = setting(factory=SourceSettings)
-    sinks: tuple[SinkSettings, ...] = setting(
-        (),
-        required=True,
-        help="a list such as [vcam]",
-        check=Items(schema_of(SinkSettings, shorthand="url"), 1),
-    )
+    sinks: tuple[SinkSettings, ...] = setting((), help=SINKS_HELP, check=SINKS)
     presets: PresetSettings = setting(factory=PresetSettings)
     obs: ObsSettings | None = setting(None, help="settings of the OBS bridge", check=OBS)
     safety: SafetySettings = setting(factory=SafetySettings, help="on-air safety timings")
     api: ApiSettings | None = setting(None, help="local HTTP/WebSocket API and dock", check=API)
+    streams: tuple[StreamSettings, ...] = setting(
+        (), help="several streams on one model", check=Items(schema_of(StreamSettings), 1)
+    )
+    batch_window_ms: float = setting(
+        5.0, lo=0, hi=100, help="how long a stream's model call waits for the others'"
+    )
+    name: str = ""  # the stream's name, in a config of one of several streams
+
+    def stream_configs(self) -> list[DaemonConfig]:
+        """One config per stream: this one, or each of ``streams:`` on the top level's
+        model, resolution, fps, presets and safety unless the stream gives its own."""
+        if not self.streams:
+            return [self]
+        folder = self.path.parent.absolute()
+        return [
+            dataclasses.replace(
+                self,
+                name=s.name,
+                model=self.model.with_overrides({**s.model, **resolve_refs(s.model, folder)}),
+                resolution=s.resolution or self.resolution,
+                fps=s.fps or self.fps,
+                source=s.source,
+                sinks=s.sinks,
+                presets=s.presets or self.presets,
+                obs=s.obs,
+                api=s.api,
+                streams=(),
+            )
+            for s in self.streams
+        ]
 
     @property
     def width(self) -> int:
@@ -553,7 +627,9 @@ class DaemonConfig:
         return (self.path.parent / self.presets.folder).resolve()
 
 
-DAEMON = schema_of(DaemonConfig, exclude=("path",), checks={"model": model_section()})
+DAEMON = schema_of(
+    DaemonConfig, exclude=("path", "name"), checks={"model": model_section()}, cross=_streams_cross
+)
 
 
 def load_sections(path: str | Path) -> dict[str, Any]:

@@ -100,8 +100,24 @@ class StatusCollector:
             )
 
 
+class StreamLabel:
+    """Another collector's metrics, each sample labelled ``stream="<name>"`` (a daemon that
+    serves several streams: one scrape target per stream's API, told apart by the label)."""
+
+    def __init__(self, inner: StatusCollector, stream: str) -> None:
+        self.inner, self.stream = inner, stream
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.inner.collect():
+            metric.samples = [
+                s._replace(labels={"stream": self.stream, **s.labels}) for s in metric.samples
+            ]
+            yield metric
+
+
 def metrics_text(status: Mapping[str, Any]) -> bytes:
-    """The exposition text of one status snapshot."""
+    """The exposition text of one status snapshot (labelled with its stream, if any)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatusCollector(status))
+    collector = StatusCollector(status)
+    registry.register(StreamLabel(collector, status["stream"]) if "stream" in status else collector)
     return generate_latest(registry)

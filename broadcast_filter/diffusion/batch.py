@@ -15,7 +15,7 @@ feature bank) runs alone.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Hashable, Sequence
+from collections.abc import Callable, Generator, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,13 +113,19 @@ def run_requests(requests: Sequence[Request]) -> list[torch.Tensor | BaseExcepti
     return results
 
 
-def drive(step: Step) -> torch.Tensor:
-    """Run one step alone: each request as it comes."""
+def _alone(request: Request) -> torch.Tensor | BaseException:
+    return run_requests([request])[0]
+
+
+def drive(
+    step: Step, call: Callable[[Request], torch.Tensor | BaseException] = _alone
+) -> torch.Tensor:
+    """Run one step, each request through ``call`` (by default alone, as it comes)."""
     with torch.inference_mode():
         try:
             request = next(step)
             while True:
-                (out,) = run_requests([request])
+                out = call(request)
                 request = step.throw(out) if isinstance(out, BaseException) else step.send(out)
         except StopIteration as stop:
             return stop.value

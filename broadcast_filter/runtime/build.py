@@ -30,9 +30,10 @@ from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.media.base import Sink
 from broadcast_filter.media.network import mask_url
 from broadcast_filter.media.open import open_sink, open_source
+from broadcast_filter.runtime.batcher import Batcher
 from broadcast_filter.runtime.controller import Controller
 from broadcast_filter.runtime.daemon import Daemon, Limits
-from broadcast_filter.runtime.engine import Engine, load_engine
+from broadcast_filter.runtime.engine import Engine, SharedModels, load_engine
 from broadcast_filter.runtime.telemetry import StatusLine, Telemetry
 
 
@@ -88,8 +89,11 @@ def build_daemon(
     limits: Limits | None = None,
     status: StatusLine | None = None,
     progress: bool = True,
+    shared: tuple[SharedModels, Batcher] | None = None,
 ) -> Daemon:
-    """Load presets and model (with progress bars), open sinks, then the source.
+    """Load presets and model (with progress bars), open sinks, then the source. With
+    ``shared``, the model comes from (and stays in) those shared models and every model call
+    goes through the batcher, shared with the other streams built on them.
 
     Raises :class:`ConfigError` (exit 2), or :class:`MediaError` / model errors (exit 1).
     """
@@ -105,13 +109,33 @@ def build_daemon(
     roots = [config.path.parent.resolve(), config.presets_folder]
     roots += [Path(config.model.cache_dir)] if config.model.cache_dir else []
 
+    def engine_for(spec: ModelSpec, chosen: Preset, progress: bool) -> Engine:
+        if shared is None:
+            return load_engine(spec, w, h, chosen, progress=progress)
+        pool, batcher = shared
+        models, generation = pool.get(spec, progress=progress)
+        engine = load_engine(
+            spec, w, h, chosen, progress=False, models=models, runner=batcher.drive
+        )
+        engine.generation = generation
+        return engine
+
     def load(spec: ModelSpec, chosen: Preset) -> Engine:
         check_preset_model(chosen.model, roots)  # ids and paths from a preset file
-        return load_engine(spec, w, h, chosen, progress=False)
+        return engine_for(spec, chosen, progress=False)
 
     check_preset_model(first.model, roots)
-    engine = load_engine(first.model_spec(config.model), w, h, first, progress=progress)
-    controller = Controller(library, first, engine, config.model, load, telemetry, status.log)
+    engine = engine_for(first.model_spec(config.model), first, progress)
+    controller = Controller(
+        library,
+        first,
+        engine,
+        config.model,
+        load,
+        telemetry,
+        status.log,
+        on_restart=shared[0].drop if shared else lambda engine: None,
+    )
     telemetry.set_state(preset=first.name, mode="starting", bypass=False)
     sinks = open_sinks(config.sinks, w, h, config.fps)
     try:
@@ -137,6 +161,7 @@ def build_daemon(
         status=status,
         safety=config.safety,
         reopen_sink=reopen,
+        name=config.name,
     )
     if getattr(source, "state", None) is not None:  # network and NDI sources say how they are
         daemon.status_fields["source"] = lambda: source.state

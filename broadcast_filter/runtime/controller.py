@@ -60,11 +60,14 @@ class Controller:
         load: EngineLoader,
         telemetry: Telemetry,
         log: Callable[[str], None],
+        on_restart: Callable[[Engine], object] = lambda engine: None,
     ) -> None:
+        """``on_restart(engine)`` is told of an engine dropped for a restart (shared models
+        are then reloaded, once for all streams)."""
         self.library = library
         self.base_model = base_model
         self.telemetry = telemetry
-        self._load, self._log = load, log
+        self._load, self._log, self._on_restart = load, log, on_restart
         self._lock = threading.Lock()  # guards the wishes below and the library
         self._pending: Preset | None = None
         self._warm: Preset | None = None
@@ -219,6 +222,7 @@ class Controller:
         if restart is not None and self.engine is not None and self._loading is None:
             self._log(f"restarting the engine ({restart}); passing frames through meanwhile")
             self._failed.discard(self.engine.spec)
+            self._on_restart(self.engine)
             self.engine = None
             self._engine_failed = False
         if pending is not None:

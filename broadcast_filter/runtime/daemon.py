@@ -64,9 +64,11 @@ class Daemon:
         status: StatusLine | None = None,
         safety: SafetySettings | None = None,
         reopen_sink: Callable[[str], Sink] | None = None,
+        name: str = "",
     ) -> None:
         """``reopen_sink(name)`` opens a failed sink again (retried with backoff); without
-        it a failed sink stays closed."""
+        it a failed sink stays closed. ``name`` is the stream's, when there are several."""
+        self.name = name
         self.source, self.controller, self.telemetry = source, controller, telemetry
         self.fps, self.limits = fps, limits
         self.status = status or StatusLine(sys.stderr)
@@ -93,6 +95,7 @@ class Daemon:
         #: called once when the daemon stops (e.g. the OBS bridge's stop)
         self.on_stop: list[Callable[[], None]] = []
         self._last_image: np.ndarray | None = None  # what the sinks got last
+        self._last_poll = time.monotonic()
         self._last_out_at: float | None = None
         controller.attach(self.details, lambda: self._last_image)
 
@@ -108,6 +111,7 @@ class Daemon:
         :meth:`health`."""
         sinks, failed = sorted(self.sinks.sinks.copy()), self.sinks.failed.copy()
         return {
+            **({"stream": self.name} if self.name else {}),
             "sinks": sinks,
             "failed_sinks": failed,
             "fields": self._fields(),
@@ -167,24 +171,31 @@ class Daemon:
             self._threads.append(thread)
             thread.start()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def run(self) -> int:
         """Run until stopped; return the exit code (0, or 1 after a runtime failure)."""
-        restore = self._install_signals()
+        restore = install_signals(self.request_stop)
         try:
             self.start()
-            last_poll = time.monotonic()
             while not self._stop.wait(0.1):
                 now = time.monotonic()
-                if now - last_poll >= PRESET_POLL_S:
-                    last_poll = now
-                    self._reload_presets()
-                self.sinks.retry(now, time.monotonic)
-                self._check_limits(now)
+                self.poll(now)
                 self.status.update(self.status_text(now), now)
         finally:
             self.stop()
             restore()
         return 1 if self.failure else 0
+
+    def poll(self, now: float) -> None:
+        """The main thread's chores, every ~0.1 s: presets folder, failed sinks, limits."""
+        if now - self._last_poll >= PRESET_POLL_S:
+            self._last_poll = now
+            self._reload_presets()
+        self.sinks.retry(now, time.monotonic)
+        self._check_limits(now)
 
     def stop(self) -> None:
         """Stop the threads and release source and sinks (once); within ~1.5 s."""
@@ -215,22 +226,6 @@ class Daemon:
         )
 
     # ------------------------------------------------------------------ main-thread helpers
-
-    def _install_signals(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum: int, _frame: object) -> None:
-            self.request_stop(signal.Signals(signum).name)
-            signal.signal(signum, signal.SIG_DFL)  # a second signal kills at once
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore() -> None:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-        return restore
 
     def _reload_presets(self) -> None:
         try:
@@ -348,3 +343,22 @@ class Daemon:
             if self.limits.frames is not None and state.emitted >= self.limits.frames:
                 self.request_stop(f"--frames {self.limits.frames}")
                 return
+
+
+def install_signals(stop: Callable[[str], None]) -> Callable[[], None]:
+    """SIGINT/SIGTERM call ``stop(signal name)`` (a second one kills at once); returns the
+    function that restores the previous handlers. Only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, _frame: object) -> None:
+        stop(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return restore

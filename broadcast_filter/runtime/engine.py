@@ -4,10 +4,15 @@ Frames come in and go out as ``(H, W, 3)`` uint8 RGB numpy arrays (the media con
 conversion to and from the pipeline's ``(1, 3, H, W)`` float tensors in ``[0, 1]`` goes
 through buffers allocated once. Preset switches crossfade the prompt embeddings, guidance
 and delta (see :mod:`broadcast_filter.control.transitions`); nothing is rebuilt.
-No threads here: the runtime calls :meth:`Engine.process` from its engine thread.
+No threads here: the runtime calls :meth:`Engine.process` from its engine thread. Several
+streams share one model through :class:`SharedModels` (each stream its own pipeline) and a
+runner that shares their model calls (:class:`~broadcast_filter.runtime.batcher.Batcher`).
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,7 +20,8 @@ import torch
 from broadcast_filter.control.presets import Preset, SsfSettings
 from broadcast_filter.control.transitions import Crossfade
 from broadcast_filter.diffusion.accel import accelerate, warm_up
-from broadcast_filter.diffusion.models import load_models
+from broadcast_filter.diffusion.batch import Step, drive
+from broadcast_filter.diffusion.models import ModelBundle, load_models
 from broadcast_filter.diffusion.similarity import SimilarityFilter
 from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.diffusion.stream import PromptEmbeds, StreamConfig, StreamPipeline
@@ -39,26 +45,77 @@ def stream_config(preset: Preset, width: int, height: int) -> StreamConfig:
     )
 
 
+def load_bundle(spec: ModelSpec, *, progress: bool = True) -> ModelBundle:
+    """Load the model (downloading with the hub's progress bars) and apply its acceleration."""
+    return accelerate(load_models(spec, progress=progress), spec.accel)
+
+
 def load_engine(
-    spec: ModelSpec, width: int, height: int, preset: Preset, *, progress: bool = True
+    spec: ModelSpec,
+    width: int,
+    height: int,
+    preset: Preset,
+    *,
+    progress: bool = True,
+    models: ModelBundle | None = None,
+    runner: Callable[[Step], torch.Tensor] = drive,
 ) -> Engine:
-    """Load the model (downloading with the hub's progress bars), apply its acceleration,
-    warm up, and condition the engine on ``preset``."""
-    bundle = accelerate(load_models(spec, progress=progress), spec.accel)
+    """An engine on ``models`` (else the model ``spec`` names, loaded now), warmed up and
+    conditioned on ``preset``; ``runner`` runs its pipeline steps."""
+    bundle = models if models is not None else load_bundle(spec, progress=progress)
     pipe = StreamPipeline(bundle, stream_config(preset, width, height))
-    engine = Engine(pipe, preset, spec)
+    engine = Engine(pipe, preset, spec, runner)
     warm_up(pipe, progress=progress)
     return engine
+
+
+class SharedModels:
+    """The models of several streams in one process: each spec is loaded once; every stream
+    gets its own pipeline (its own noise, buffers, prompt and SSF state) on them.
+
+    After a model fault every stream restarts its engine; :meth:`drop` forgets the models
+    only for the first of them (the engine was on the models loaded last), so the model is
+    reloaded once and the other streams take the fresh copy."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bundles: dict[ModelSpec, ModelBundle] = {}
+        self._generation: dict[ModelSpec, int] = {}
+
+    def get(self, spec: ModelSpec, *, progress: bool = False) -> tuple[ModelBundle, int]:
+        """The models of ``spec`` (loaded now if needed) and which load of them this is."""
+        with self._lock:
+            if spec not in self._bundles:
+                self._bundles[spec] = load_bundle(spec, progress=progress)
+                self._generation[spec] = self._generation.get(spec, 0) + 1
+            return self._bundles[spec], self._generation[spec]
+
+    def drop(self, engine: Engine) -> bool:
+        """Forget ``engine``'s models if they are still the current load; True if dropped."""
+        with self._lock:
+            spec = engine.spec
+            if self._generation.get(spec) != engine.generation or spec not in self._bundles:
+                return False
+            del self._bundles[spec]
+            return True
 
 
 class Engine:
     """One model, one frame size. :meth:`switch` starts a transition; :meth:`process` runs a
     frame; both are called from the same thread."""
 
-    def __init__(self, pipe: StreamPipeline, preset: Preset, spec: ModelSpec | None = None):
+    def __init__(
+        self,
+        pipe: StreamPipeline,
+        preset: Preset,
+        spec: ModelSpec | None = None,
+        runner: Callable[[Step], torch.Tensor] = drive,
+    ):
         self.pipe = pipe
         self.spec = spec
         self.preset = preset
+        self.runner = runner
+        self.generation = 0  # which load of shared models it runs on (SharedModels)
         cfg = pipe.config
         self._transfer = FrameTransfer(cfg.width, cfg.height, pipe.device, pipe.dtype)
         self._fade: Crossfade | None = None
@@ -137,7 +194,7 @@ class Engine:
         if skip and self._last is not None:
             return self._last, True
         try:
-            out = self.pipe(image_in)
+            out = self.runner(self.pipe.step(image_in))
         except Exception as exc:  # the stream must outlive any model failure
             raise EngineError(f"model step failed: {exc!r}") from exc
         if not bool(torch.isfinite(out).all()):

@@ -80,6 +80,14 @@ class Snapshot:
     target_fps: float
     on_air: str = "engine"  # see broadcast_filter.runtime.watchdog.ON_AIR_KINDS
     mode_switches: int = 0
+    fps_engine: float = 0.0  # frames the engine handled: styled or skipped by the SSF
+
+    @property
+    def below_target(self) -> bool:
+        """Styling, and the engine handles fewer frames than both the target rate and the
+        source give it: the model (or the shared batch) is too slow for this stream."""
+        styling = self.mode in ("styled", "crossfade")
+        return styling and self.fps_engine < 0.9 * min(self.target_fps, self.fps_in)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -92,6 +100,7 @@ class Telemetry:
         self.target_fps = target_fps
         self._lock = threading.Lock()
         self._in, self._model, self._out = RateMeter(), RateMeter(), RateMeter()
+        self._engine = RateMeter()
         self._latency = Ring()
         self._buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)  # the last one is +Inf
         self._latency_sum = 0.0
@@ -111,6 +120,7 @@ class Telemetry:
     def model_step(self, now: float, skipped: bool) -> None:
         """The engine ran the model on a frame, or the similarity filter skipped it."""
         with self._lock:
+            self._engine.add(now)
             if skipped:
                 self.frames_skipped += 1
             else:
@@ -175,6 +185,7 @@ class Telemetry:
                 target_fps=self.target_fps,
                 on_air=self.on_air,
                 mode_switches=self.mode_switches,
+                fps_engine=self._engine.rate(now),
             )
 
 
