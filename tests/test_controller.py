@@ -160,12 +160,13 @@ def test_engine_failure_passes_frames_through_and_says_so(library, base_model):
 
     def fail(image):
         raise RuntimeError("CUDA out of memory")
+        yield  # a pipeline step is a generator
 
     real = c.engine.pipe
     c.engine.pipe = type(
         "Failing",
         (),
-        {"__call__": lambda self, x: fail(x), "__getattr__": lambda self, n: getattr(real, n)},
+        {"step": lambda self, x: fail(x), "__getattr__": lambda self, n: getattr(real, n)},
     )()
     f = frame(0)
     out = c.process(f, 0.0)

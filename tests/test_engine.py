@@ -33,8 +33,8 @@ class RecordingPipe:
         self.embeds.append(embeds)
         self.pipe.set_prompt_embeds(embeds)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.pipe(image)
+    def step(self, image: torch.Tensor):
+        out = yield from self.pipe.step(image)
         self.outputs.append(out.clone())
         return out
 

@@ -531,7 +531,9 @@ class StreamSettings:
     name: str = setting("", required=True, help="names the stream on the status line, metrics")
     source: SourceSettings = setting(factory=SourceSettings)
     sinks: tuple[SinkSettings, ...] = setting((), required=True, help=SINKS_HELP, check=SINKS)
-    presets: PresetSettings | None = setting(None, help="default: the top-level presets")
+    presets: PresetSettings | None = setting(
+        None, help="default: the top-level presets", check=schema_of(PresetSettings)
+    )
     model: dict[str, Any] = setting(factory=dict, check=model_section(overrides=True))
     resolution: tuple[int, int] | None = setting(None, check=optional(_resolution))
     fps: float | None = setting(None, lo=1, hi=240)

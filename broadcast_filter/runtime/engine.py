@@ -78,17 +78,25 @@ class SharedModels:
     reloaded once and the other streams take the fresh copy."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the dicts; never held while loading
+        self._loading: dict[ModelSpec, threading.Lock] = {}
         self._bundles: dict[ModelSpec, ModelBundle] = {}
         self._generation: dict[ModelSpec, int] = {}
 
     def get(self, spec: ModelSpec, *, progress: bool = False) -> tuple[ModelBundle, int]:
-        """The models of ``spec`` (loaded now if needed) and which load of them this is."""
+        """The models of ``spec`` (loaded now if needed; one load per spec at a time) and
+        which load of them this is."""
         with self._lock:
-            if spec not in self._bundles:
-                self._bundles[spec] = load_bundle(spec, progress=progress)
-                self._generation[spec] = self._generation.get(spec, 0) + 1
-            return self._bundles[spec], self._generation[spec]
+            loading = self._loading.setdefault(spec, threading.Lock())
+        with loading:
+            with self._lock:
+                if spec in self._bundles:
+                    return self._bundles[spec], self._generation[spec]
+            bundle = load_bundle(spec, progress=progress)
+            with self._lock:
+                self._bundles[spec] = bundle
+                self._generation[spec] = generation = self._generation.get(spec, 0) + 1
+                return bundle, generation
 
     def drop(self, engine: Engine) -> bool:
         """Forget ``engine``'s models if they are still the current load; True if dropped."""

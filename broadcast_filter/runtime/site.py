@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from broadcast_filter.control.api import ApiServer
 from broadcast_filter.control.config import DaemonConfig
 from broadcast_filter.runtime.batcher import Batcher
 from broadcast_filter.runtime.build import build_daemon, start_api, start_obs_bridge
@@ -32,7 +33,7 @@ class StreamStatus(StatusLine):
         self.shared, self.name = shared, name
 
     def log(self, message: str) -> None:
-        self.shared.log(f"{self.name}: {message}")
+        self.shared.log("\n".join(f"{self.name}: {line}" for line in message.splitlines()))
         for listener in list(self.listeners):
             with contextlib.suppress(Exception):  # a broken listener must not break logging
                 listener(message)
@@ -47,8 +48,16 @@ class StreamStatus(StatusLine):
 class Site:
     """The streams' daemons, run together until every one has stopped."""
 
-    def __init__(self, daemons: Sequence[Daemon], batcher: Batcher, status: StatusLine) -> None:
+    def __init__(
+        self,
+        daemons: Sequence[Daemon],
+        batcher: Batcher,
+        status: StatusLine,
+        apis: Mapping[str, ApiServer] | None = None,
+    ) -> None:
+        """``apis``: each stream's API server by stream name (streams with ``api:``)."""
         self.daemons, self.batcher, self.status = list(daemons), batcher, status
+        self.apis = dict(apis or {})
         self._stop = threading.Event()
         for daemon in self.daemons:
             daemon.status_fields["pace"] = self._pace_of(daemon)
@@ -68,15 +77,16 @@ class Site:
         self._stop.set()
 
     def status_text(self, now: float) -> str:
-        """One line: each stream's preset, mode and rates; the shared calls; the streams
-        below their target rate."""
+        """One line: each stream's preset, mode, rates and fields (source, sinks, API,
+        pace); steps per round of shared model calls; the streams below their target."""
         parts, slow = [], []
         for daemon in self.daemons:
             s = daemon.telemetry.snapshot(now)
             state = "stopped" if daemon.stopping else f"{s.preset or '-'} | {s.mode}"
+            fields = "".join(f"  {k} {v}" for k, v in daemon.details()["fields"].items())
             parts.append(
                 f"{daemon.name} [{state}] model {s.fps_model:.1f} "
-                f"out {s.fps_out:.1f}/{s.target_fps:g} fps"
+                f"out {s.fps_out:.1f}/{s.target_fps:g} fps{fields}"
             )
             if s.below_target and not daemon.stopping:
                 slow.append(daemon.name)
@@ -120,6 +130,7 @@ def build_site(
     and OBS bridge when its stream has them. On a failure the ones built are stopped."""
     pool, batcher = SharedModels(), Batcher(config.batch_window_ms / 1000)
     daemons: list[Daemon] = []
+    apis: dict[str, ApiServer] = {}
     try:
         for i, stream in enumerate(config.stream_configs()):
             daemon = build_daemon(
@@ -131,10 +142,12 @@ def build_site(
                 shared=(pool, batcher),
             )
             daemons.append(daemon)
-            start_api(stream, daemon)
+            server = start_api(stream, daemon)
+            if server is not None:
+                apis[stream.name] = server
             start_obs_bridge(stream, daemon)
     except BaseException:
         for daemon in daemons:
             daemon.stop()
         raise
-    return Site(daemons, batcher, status)
+    return Site(daemons, batcher, status, apis)
