@@ -7,6 +7,9 @@ Prints one JSON object per line (and a summary table on stderr):
   instead of TAESD, dtype, torch.compile, CUDA graphs);
 - ``temporal``: 2 steps, cfg self, with each temporal technique (issue 13) on its own and all
   together (compare with the ``pipeline`` variant 2step-self-batch);
+- ``streams``: N = 1, 2, 4, 8, 16 streams (own prompts and seeds, 1 step, cfg self, TAESD)
+  batched into one UNet call per round vs the same pipelines run one after another;
+  ``fps`` counts every stream's frames (aggregate), ``per_stream_fps`` one stream's;
 - ``floor``: the raw compute, VAE encode + one UNet batch + VAE decode in a bare loop;
 - ``e2e``: the fastest 1-step variant with frame conversion (uint8 host frame in, uint8 host
   frame out through :class:`FrameTransfer`), with its added latency;
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 
 from broadcast_filter.diffusion.accel import accelerate, warm_up
+from broadcast_filter.diffusion.batch import drive_together
 from broadcast_filter.diffusion.models import load_models
 from broadcast_filter.diffusion.offline import ensure_offline_model
 from broadcast_filter.diffusion.spec import Acceleration, ModelSpec
@@ -162,6 +166,34 @@ class Bench:
         result = timed(lambda: pipe(image), self.args.frames, self.sync)
         return {"group": v.group, "variant": v.name, "warmup_s": round(compile_s, 2), **result}
 
+    def streams(self, n: int, batched: bool) -> dict:
+        """``n`` streams on one model, each its own pipeline: one UNet call for all per
+        round, or each stream's frame on its own."""
+        v = Variant("streams", 1, "self")
+        models = self.load(v)
+        pipes = [self.pipeline(models, v) for _ in range(n)]
+        for i, pipe in enumerate(pipes):
+            pipe.set_prompt(f"{PROMPT}, variation {i}", NEGATIVE)
+            pipe.update(seed=100 + i)
+            warm_up(pipe, self.args.warmup, progress=False)
+        image = self.image(models)
+        if batched:
+            result = timed(
+                lambda: drive_together([p.step(image) for p in pipes]), self.args.frames, self.sync
+            )
+        else:
+            result = timed(lambda: [p(image) for p in pipes], self.args.frames, self.sync)
+        how = "batched" if batched else "one-by-one"
+        per_stream = result["fps"]
+        return {
+            "group": "streams",
+            "variant": f"{n}streams-{how}-{v.name}",
+            "streams": n,
+            "fps": round(per_stream * n, 2),
+            "per_stream_fps": per_stream,
+            "latency_ms": result["latency_ms"],
+        }
+
     def floor(self, steps: int) -> dict:
         """VAE encode + one UNet call on the Stream Batch + VAE decode, nothing else."""
         models = self.load(Variant("floor"))
@@ -219,6 +251,9 @@ def main() -> None:
         "--compile-on-cpu", action="store_true", help="also time torch.compile on CPU (slow)"
     )
     parser.add_argument("--only", help="run only variants whose name contains this text")
+    parser.add_argument(
+        "--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="stream counts"
+    )
     args = parser.parse_args()
     bench = Bench(args)
     info = {
@@ -233,6 +268,11 @@ def main() -> None:
     jobs: list[tuple[str, Callable[[], dict]]] = [
         (v.name, lambda v=v: bench.run_variant(v))
         for v in variants(args.device, args.compile_on_cpu)
+    ]
+    jobs += [
+        (f"streams-{n}-{how}", lambda n=n, b=b: bench.streams(n, b))
+        for n in args.streams
+        for b, how in ((True, "batched"), (False, "one-by-one"))
     ]
     jobs += [(f"floor-{n}step", lambda n=n: bench.floor(n)) for n in (1, 2)]
     best = Acceleration(compile=True, cuda_graphs=True) if args.device == "cuda" else Acceleration()

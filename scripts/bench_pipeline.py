@@ -15,11 +15,17 @@ Ratios printed (>1 means the first named is faster):
     python scripts/bench_pipeline.py                       # tiny 128x128 + sd-turbo-arch 256x256
     python scripts/bench_pipeline.py --json --models tiny --size 64
     python scripts/bench_pipeline.py --temporal --models sd-turbo-arch:256   # issue 13's cost
+    python scripts/bench_pipeline.py --streams 1 2 4       # several streams, batched or not
 
 With ``--temporal`` the variants are cfg "self" with each temporal technique off / on
 (:data:`TEMPORAL`), the ratios are each variant's frame time over off's, and the memory the
 attention cache holds per cached frame is reported. The attention processors of the UNet
 are wrapped once for the cache variants; off runs through the same (idle) wrappers.
+
+With ``--streams N...`` the variants are, for each N, N streams on one model (each its own
+pipeline, prompt and seed; 2 levels, cfg self, Stream Batch) run ``batched`` (one UNet call
+per round for all, :func:`~broadcast_filter.diffusion.batch.drive_together`) and
+``one_by_one`` (each stream's frame on its own); aggregate fps counts every stream's frames.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from diffusers import AutoencoderTiny, AutoPipelineForImage2Image, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
+from broadcast_filter.diffusion.batch import drive_together
 from broadcast_filter.diffusion.models import ModelBundle, load_models
 from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
@@ -194,6 +201,59 @@ def bench_temporal(model: str, size: int, rounds: int, device: str, taesd: str |
     }
 
 
+def bench_streams(
+    model: str, size: int, rounds: int, device: str, taesd: str | None, counts: list[int]
+) -> dict:
+    models = load_models(ModelSpec(id=model, taesd=taesd, device=device), progress=True)
+    levels = (32, 45)
+    image = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
+    image = image.to(models.device, models.dtype)
+    variants: dict[str, Callable[[torch.Tensor], object]] = {}
+    for n in counts:
+        for how in ("batched", "one_by_one"):
+            pipes = []
+            for i in range(n):
+                config = StreamConfig(
+                    width=size, height=size, t_index_list=levels, guidance_scale=1.4, seed=10 + i
+                )
+                pipe = StreamPipeline(models, config)
+                pipe.set_prompt(f"{PROMPT}, variation {i}")
+                pipes.append(pipe)
+            if how == "batched":
+                variants[f"{n}_{how}"] = lambda x, ps=pipes: drive_together([p.step(x) for p in ps])
+            else:
+                variants[f"{n}_{how}"] = lambda x, ps=pipes: [p(x) for p in ps]
+    with torch.inference_mode():
+        seconds = measure(variants, image, rounds)
+    return {
+        "model": models.name,
+        "size": f"{size}x{size}",
+        "levels": list(levels),
+        "device": str(models.device),
+        "dtype": str(models.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "aggregate_fps": {k: round(int(k.split("_")[0]) / v, 3) for k, v in seconds.items()},
+        "per_stream_fps": {k: round(1 / v, 3) for k, v in seconds.items()},
+        "batched_speedup": {
+            n: round(seconds[f"{n}_one_by_one"] / seconds[f"{n}_batched"], 3) for n in counts
+        },
+    }
+
+
+def print_streams(result: dict) -> None:
+    print(
+        f"\n{result['model']}  {result['size']}  levels={result['levels']}  "
+        f"{result['device']}/{result['dtype']}  threads={result['threads']}  "
+        f"rounds={result['rounds']}  cfg self, Stream Batch"
+    )
+    for name, fps in result["aggregate_fps"].items():
+        one = result["per_stream_fps"][name]
+        print(f"  {name:<14} {fps:9.3f} fps aggregate  {one:8.3f} per stream")
+    for n, ratio in result["batched_speedup"].items():
+        print(f"  {n} streams: batched x{ratio:.3f} of one by one")
+
+
 def print_temporal(result: dict) -> None:
     print(
         f"\n{result['model']}  {result['size']}  levels={result['levels']}  "
@@ -241,18 +301,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="one JSON object per model")
     parser.add_argument("--temporal", action="store_true", help="temporal techniques vs off")
+    parser.add_argument("--streams", type=int, nargs="+", help="stream counts, batched vs not")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()  # custom-timestep notices from the diffusers side
     if args.threads:
         torch.set_num_threads(args.threads)
     for entry in args.models:
         model, _, size = entry.partition(":")
-        bench = bench_temporal if args.temporal else bench_model
-        result = bench(model, args.size or int(size or 512), args.rounds, args.device, args.taesd)
+        shape = (model, args.size or int(size or 512), args.rounds, args.device, args.taesd)
+        if args.streams:
+            result, show = bench_streams(*shape, args.streams), print_streams
+        elif args.temporal:
+            result, show = bench_temporal(*shape), print_temporal
+        else:
+            result, show = bench_model(*shape), print_table
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            (print_temporal if args.temporal else print_table)(result)
+            show(result)
 
 
 if __name__ == "__main__":
