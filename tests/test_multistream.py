@@ -213,7 +213,7 @@ def test_one_streams_faults_leave_the_others_styled_and_every_output_keeps_its_r
     from broadcast_filter.runtime.site import build_site
 
     TaggedSink.by_tag.clear()
-    safety = {"restart_after": 3, "sink_retry_s": 0.3, "hold_s": 0.5, "stall_s": 1.0}
+    safety = {"restart_after": 3, "sink_retry_s": 0.3, "hold_s": 0.5, "stall_s": 3.0}
     path = write_streams(
         tmp_path,
         [
@@ -411,3 +411,32 @@ def test_two_real_sources_to_two_real_outputs_through_one_daemon(tmp_path, model
     # the publisher's frames reach the cam output only, in order (repeats allowed)
     assert len(set(cam["counters"])) >= FPS and cam["counters"] == sorted(cam["counters"])
     assert pattern["frames"] >= FPS and not pattern["counters"]
+
+
+# ----------------------------------------------------------------------------- pace
+
+
+@pytest.mark.parametrize(
+    "mode, in_every, handled_every, skipped, below",
+    [
+        ("styled", 1, 2, False, True),  # the model styles every second frame: too slow
+        ("styled", 1, 1, False, False),
+        ("styled", 1, 1, True, False),  # SSF skips are frames the engine handled in time
+        ("styled", 2, 2, False, False),  # the source gives only half the rate: not our fault
+        ("passthrough", 1, 4, False, False),
+    ],
+)
+def test_a_stream_is_below_target_when_its_engine_handles_fewer_frames_than_it_gets(
+    mode, in_every, handled_every, skipped, below
+):
+    from broadcast_filter.runtime.telemetry import Telemetry
+
+    telemetry = Telemetry(target_fps=10)
+    telemetry.set_state(preset="warm", mode=mode, bypass=False)
+    for k in range(40):  # 4 s at 10 ticks a second
+        now = k / 10
+        if k % in_every == 0:
+            telemetry.frame_in(now, 0)
+        if k % handled_every == 0:
+            telemetry.model_step(now, skipped)
+    assert telemetry.snapshot(3.95).below_target is below
