@@ -312,6 +312,17 @@ def k8s_configs(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
     return loaded
 
 
+def test_k8s_manifests_match_the_kubernetes_api_schemas():
+    """Every field in its place, strictly (unknown fields are errors), against the oldest and
+    the newest Kubernetes version the validator knows; the ServiceMonitor is a CRD it has no
+    schema for (checked below)."""
+    validator = pytest.importorskip("kubernetes_validate")
+    for version in ("1.25", validator.latest_version()):
+        for doc in k8s_documents():
+            if doc["kind"] != "ServiceMonitor":
+                validator.validate(doc, version, strict=True)
+
+
 def test_k8s_deployments_ask_one_gpu_and_probe_their_configs_api_health(tmp_path, monkeypatch):
     configs = k8s_configs(tmp_path, monkeypatch)
     deployments = daemon_deployments()
