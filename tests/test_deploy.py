@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -136,42 +137,48 @@ def nginx_config(folder: Path, port: int) -> Path:
     return path
 
 
-def instance_config(name: str, folder: Path, rtmp_port: int, api_port: int) -> Path:
-    """The shipped instance config ``name`` with what a CPU test must change: the demo model
-    at 64x64, the demo presets, the test's nginx and API ports. Source, sink and API shape
-    stay as shipped."""
+def cheap(data: dict[str, Any], api_port: int) -> dict[str, Any]:
+    """A shipped daemon config with what a CPU test must change: the demo model at 64x64, the
+    demo presets and a free API port. Everything else stays as shipped."""
+    data["model"] = {"id": "demo", "taesd": "demo", "device": "cpu"}
+    data["resolution"], data["fps"] = list(SIZE), FPS
+    data["presets"] = {"folder": str(ROOT / "configs" / "demo_presets"), "start": "sepia"}
+    data["api"]["port"] = api_port
+    return data
+
+
+def site_instance(name: str, folder: Path, rtmp_port: int) -> Instance:
+    """The shipped instance config ``name`` (:func:`cheap`), on the test's nginx port."""
     data = yaml.safe_load((DEPLOY / "instances" / f"{name}.yaml").read_text())
 
     def local(url: str) -> str:
         assert url.startswith("rtmp://127.0.0.1:1935/"), url
         return url.replace(":1935/", f":{rtmp_port}/")
 
-    data["model"] = {"id": "demo", "taesd": "demo", "device": "cpu"}
-    data["resolution"], data["fps"] = list(SIZE), FPS
     data["source"]["url"] = local(data["source"]["url"])
     data["sinks"] = [local(url) for url in data["sinks"]]
-    data["presets"] = {"folder": str(ROOT / "configs" / "demo_presets"), "start": "sepia"}
-    data["api"]["port"] = api_port
+    api_port = peers.free_port()
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    path.write_text(yaml.safe_dump(cheap(data, api_port)))
+    return Instance(name, path, api_port)
 
 
 class Instance:
-    """One ``broadcast-filter run`` process for a shipped instance config."""
+    """One ``broadcast-filter run`` process; its log is beside its config."""
 
-    def __init__(self, name: str, folder: Path, rtmp_port: int) -> None:
-        self.name = name
-        self.api_port = peers.free_port()
-        self.config = instance_config(name, folder, rtmp_port, self.api_port)
-        self.log = folder / f"{name}.log"
+    def __init__(
+        self, name: str, config: Path, api_port: int, env: dict[str, str] | None = None
+    ) -> None:
+        self.name, self.config, self.api_port = name, config, api_port
+        self.env = env or {}
+        self.log = config.with_suffix(".log")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Instance:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         argv = [sys.executable, "-m", "broadcast_filter.cli", "run", "--config", str(self.config)]
         with self.log.open("a") as log:
-            self.proc = peers.spawn(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = peers.spawn(argv, stdout=log, stderr=subprocess.STDOUT, env=env | self.env)
         return self
 
     def kill(self) -> None:
@@ -204,14 +211,15 @@ class Instance:
         with urllib.request.urlopen(url, timeout=5) as answer:
             return json.load(answer)
 
-    def probe(self) -> int:
+    def probe(self, token: str = "unused") -> int:
         """The exit status of the Kubernetes manifests' health probe command, pointed at this
-        instance's API port (the instance has no token: the one the probe sends is ignored)."""
+        instance's API port, with ``token`` in the environment as the Secret puts it there
+        (an instance without a token ignores the one the probe sends)."""
         (deployment,) = daemon_deployments()[:1]
         argv = probe_command(deployment["spec"]["template"]["spec"]["containers"][0])
         code = argv[-1].replace(":8760/", f":{self.api_port}/")
         assert argv[:2] == ["python", "-c"] and code != argv[-1], argv
-        env = dict(os.environ, BROADCAST_FILTER_TOKEN="unused")
+        env = dict(os.environ, BROADCAST_FILTER_TOKEN=token)
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                               timeout=60).returncode  # fmt: skip
 
@@ -258,8 +266,8 @@ def test_nginx_relays_two_daemons_one_killed_the_other_goes_on_and_the_restart_r
     rtmp = f"rtmp://127.0.0.1:{port}"
     publisher(f"{rtmp}/live/cam1", start=0)
     publisher(f"{rtmp}/live/cam2", start=1_000_000)
-    a = Instance("cam1", tmp_path, port).start()
-    b = Instance("cam2", tmp_path, port).start()
+    a = site_instance("cam1", tmp_path, port).start()
+    b = site_instance("cam2", tmp_path, port).start()
     view_a, view_b = Viewer(f"{rtmp}/out/cam1"), Viewer(f"{rtmp}/out/cam2")
 
     t0 = time.monotonic()
@@ -270,8 +278,8 @@ def test_nginx_relays_two_daemons_one_killed_the_other_goes_on_and_the_restart_r
     assert view_a.sizes == view_b.sizes == {f"{SIZE[0]} {SIZE[1]}"}
     # the Kubernetes probe passes on a delivering daemon (polled, like every check of a live
     # daemon here: a loaded machine may stall its output past the health check's 1 s)
-    for instance in (a, b):
-        wait_for(f"the probe to pass on {instance.name}", lambda i=instance: i.probe() == 0, 30)
+    wait_for("the probe to pass on cam1", lambda: a.probe() == 0, 30, step=1.0)
+    wait_for("the probe to pass on cam2", lambda: b.probe() == 0, 30, step=1.0)
 
     a.kill()
     killed_at = time.monotonic()
@@ -292,6 +300,28 @@ def test_nginx_relays_two_daemons_one_killed_the_other_goes_on_and_the_restart_r
     print(f"cam2 delivered {during} frames since cam1's restart, {view_b.since(killed_at)} "
           f"since the kill")  # fmt: skip
     assert b.proc is not None and b.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_k8s_probe_passes_with_the_secrets_token_and_not_without(tmp_path: Path):
+    """A daemon from the ConfigMap's cam1 config (:func:`cheap`, the test pattern in, no
+    output): the API on the pod's address with the token, as in the cluster. The probe passes
+    with the token the Secret gives it and fails with another; a request without a token
+    (all an httpGet probe could send) is refused."""
+    (configmap,) = of_kind("ConfigMap", CONFIGMAP)
+    data = yaml.safe_load(configmap["data"]["cam1.yaml"])
+    data["source"], data["sinks"] = {"url": "testsrc"}, ["null"]
+    api_port = peers.free_port()
+    path = tmp_path / "cam1.yaml"
+    path.write_text(yaml.safe_dump(cheap(data, api_port)))
+    token = secrets.token_hex(16)
+    daemon = Instance("k8s-cam1", path, api_port, env={"BROADCAST_FILTER_TOKEN": token}).start()
+    try:
+        wait_for("the probe to pass", lambda: daemon.probe(token) == 0, START_TIMEOUT, step=1.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nthe daemon's log ends:\n{daemon.tail()}") from None
+    assert daemon.probe("wrong-token") != 0
+    assert daemon.health() == 401
 
 
 # ------------------------------------------------------------------ what the files say
