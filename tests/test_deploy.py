@@ -469,8 +469,9 @@ def test_systemd_unit_runs_the_instance_config_always_restarts_and_is_hardened(t
     assert service["Environment"].count("HOME=%C/broadcast-filter") == 1
     assert service["CacheDirectory"] == ["broadcast-filter"]
     assert service["EnvironmentFile"] == ["/etc/broadcast-filter/%i.env"]  # required, per instance
-    for key, value in {"DynamicUser": "yes", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-                       "ProtectHome": "yes", "PrivateTmp": "yes"}.items():  # fmt: skip
+    for key, value in {"DynamicUser": "yes", "User": "broadcast-filter", "NoNewPrivileges": "yes",
+                       "ProtectSystem": "strict", "ProtectHome": "yes",
+                       "PrivateTmp": "yes"}.items():  # fmt: skip
         assert service[key] == [value], key
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
     example = (DEPLOY / "systemd" / "instance.env.example").read_text()
