@@ -394,6 +394,7 @@ def test_k8s_service_and_service_monitor_scrape_the_api_port_with_the_token(tmp_
     (service,) = of_kind("Service", "broadcast-filter")
     (port,) = service["spec"]["ports"]
     assert {port["port"]} == ports and port["name"] == port["targetPort"] == "api"
+    assert service["spec"]["publishNotReadyAddresses"]  # a stalled pod is still scraped
     labels = daemon_deployments()[0]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     (monitor,) = of_kind("ServiceMonitor")
