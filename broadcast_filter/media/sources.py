@@ -12,6 +12,7 @@ import contextlib
 import glob
 import os
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ class _PyAVSource(Source):
         self._container: av.container.InputContainer | None = None
         self._stop = False
         self._running = False
+        self._release_lock = threading.Lock()
 
     def _decode(self, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
         stream = container.streams.video[0]
@@ -155,9 +157,13 @@ class _PyAVSource(Source):
             self._release()
 
     def _release(self) -> None:
-        if self._container is not None:
-            self._container.close()
-            self._container = None
+        # close() (another thread) and the end of frames() may both get here at once: the
+        # container is taken under a lock, so it is closed exactly once (a double close
+        # crashes FFmpeg)
+        with self._release_lock:
+            container, self._container = self._container, None
+        if container is not None:
+            container.close()
 
 
 class FittedSource(Source):
