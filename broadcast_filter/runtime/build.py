@@ -105,12 +105,14 @@ def build_daemon(
     roots = [config.path.parent.resolve(), config.presets_folder]
     roots += [Path(config.model.cache_dir)] if config.model.cache_dir else []
 
-    def load(spec: ModelSpec, chosen: Preset) -> Engine:
+    def load(spec: ModelSpec, chosen: Preset, progress: bool = False) -> Engine:
         check_preset_model(chosen.model, roots)  # ids and paths from a preset file
-        return load_engine(spec, w, h, chosen, progress=False)
+        engine = load_engine(spec, w, h, chosen, progress=progress)
+        models = engine.pipe.models
+        status.log(f"model {models.name}: {models.dtype_reason}")
+        return engine
 
-    check_preset_model(first.model, roots)
-    engine = load_engine(first.model_spec(config.model), w, h, first, progress=progress)
+    engine = load(first.model_spec(config.model), first, progress)
     controller = Controller(library, first, engine, config.model, load, telemetry, status.log)
     telemetry.set_state(preset=first.name, mode="starting", bypass=False)
     sinks = open_sinks(config.sinks, w, h, config.fps)
