@@ -144,7 +144,7 @@ def load_models(spec: ModelSpec, progress: bool = True, *, download: bool = True
     )
     if spec.dtype == "auto" and device.type == "cpu":
         float32 = replace(spec, dtype="float32")
-        bundle, _ = auto_on_cpu(spec, bundle, lambda: load_models(float32, progress=False))
+        bundle = auto_on_cpu(spec, bundle, lambda: load_models(float32, progress=False))
     return bundle
 
 

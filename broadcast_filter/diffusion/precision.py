@@ -31,8 +31,6 @@ CHECK_PROMPT = "a photo"
 #: /proc/cpuinfo flags (x86 ``flags``, Arm ``Features``) for native bfloat16, by name.
 LINUX_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "bf16": "Arm BF16"}
 
-_CHOICES: dict[Hashable, DtypeChoice] = {}
-
 
 @dataclass(frozen=True)
 class DtypeChoice:
@@ -43,6 +41,9 @@ class DtypeChoice:
 
     def describe(self) -> str:
         return f"dtype auto -> {str(self.dtype).removeprefix('torch.')} ({self.reason})"
+
+
+_CHOICES: dict[Hashable, DtypeChoice] = {}  # by model spec, for the life of the process
 
 
 def native_bf16() -> str | None:
@@ -74,7 +75,7 @@ def _linux_cpu_flags() -> set[str]:
 
 
 def _torch_cpu_has(probe: str) -> bool:
-    """A private ``torch.cpu`` probe (present in torch >= 2.3), False where it is missing."""
+    """A private ``torch.cpu`` probe (cpuinfo underneath), False where this torch lacks it."""
     check = getattr(torch.cpu, probe, None)
     return bool(check()) if check is not None else False
 
@@ -93,10 +94,11 @@ def decide(feature: str | None, error: float | None) -> DtypeChoice:
 
 def auto_on_cpu(
     key: Hashable, bundle: ModelBundle, reload: Callable[[], ModelBundle]
-) -> tuple[ModelBundle, DtypeChoice]:
-    """``bundle`` (loaded in float32 on the CPU) in the dtype ``auto`` picks, and the choice.
-    The check runs once per ``key`` (the model spec) in this process; when it rejects
-    bfloat16, ``reload`` loads the weights again in float32 (the cast lost their precision)."""
+) -> ModelBundle:
+    """``bundle`` (loaded in float32 on the CPU) in the dtype ``auto`` picks, its
+    ``dtype_reason`` saying why. The check runs once per ``key`` (the model spec) in this
+    process; when it rejects bfloat16, ``reload`` loads the weights again in float32 (the
+    cast lost their precision)."""
     choice = _CHOICES.get(key)
     if choice is None:
         feature, error = native_bf16(), None
@@ -109,7 +111,7 @@ def auto_on_cpu(
             bundle = reload()
     elif choice.dtype == torch.bfloat16:
         bundle = to_bfloat16(bundle)
-    return replace(bundle, dtype_reason=choice.describe()), choice
+    return replace(bundle, dtype_reason=choice.describe())
 
 
 def to_bfloat16(bundle: ModelBundle) -> ModelBundle:
