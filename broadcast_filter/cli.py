@@ -157,7 +157,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    return run_checks(load_config(path) if path else None)
+    config = load_config(path) if path else None
+    quiet_third_party()  # the dtype check may load the model
+    return run_checks(config)
 
 
 # ----------------------------------------------------------------------------- parser

@@ -66,7 +66,9 @@ class Variant:
     cfg_type: str = "none"
     stream_batch: bool = True
     taesd: bool = True
-    dtype: str = "auto"
+    # None: the base dtype, float16 on cuda, float32 on cpu (not ``auto``, which may pick
+    # bfloat16 on a CPU with native bf16 and make the base the same as the bfloat16 switch)
+    dtype: str | None = None
     accel: Acceleration = field(default_factory=Acceleration)
     temporal: TemporalSettings = field(default_factory=TemporalSettings)
 
@@ -77,8 +79,8 @@ class Variant:
         t = self.temporal
         temporal = f"-fb{t.feedback}-flow{t.flow_blend}-cache{t.cache_frames}" if t.active else ""
         return (
-            f"{self.steps}step-{self.cfg_type}-{batch}-{vae}-{self.dtype}-{self.accel.describe()}"
-            + temporal
+            f"{self.steps}step-{self.cfg_type}-{batch}-{vae}-{self.dtype or 'base'}-"
+            f"{self.accel.describe()}" + temporal
         )
 
 
@@ -134,7 +136,7 @@ class Bench:
             id=str(self.folder),
             taesd=str(self.folder / "taesd") if v.taesd else None,
             device=self.args.device,
-            dtype=v.dtype,
+            dtype=v.dtype or ("float16" if self.args.device == "cuda" else "float32"),
         )
         return accelerate(load_models(spec, progress=False), v.accel)
 

@@ -138,8 +138,8 @@ def measure(variants: dict[str, Callable], image: torch.Tensor, rounds: int) -> 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_model(model: str, size: int, rounds: int, device: str, taesd: str | None) -> dict:
-    models = load_models(ModelSpec(id=model, taesd=taesd, device=device), progress=True)
+def bench_model(spec: ModelSpec, size: int, rounds: int) -> dict:
+    models = load_models(spec, progress=True)
     levels = (32, 45)
     image = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
     image = image.to(models.device, models.dtype)
@@ -174,8 +174,8 @@ def bench_model(model: str, size: int, rounds: int, device: str, taesd: str | No
     }
 
 
-def bench_temporal(model: str, size: int, rounds: int, device: str, taesd: str | None) -> dict:
-    models = load_models(ModelSpec(id=model, taesd=taesd, device=device), progress=True)
+def bench_temporal(spec: ModelSpec, size: int, rounds: int) -> dict:
+    models = load_models(spec, progress=True)
     levels = (32, 45)
     image = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
     image = image.to(models.device, models.dtype)
@@ -201,10 +201,8 @@ def bench_temporal(model: str, size: int, rounds: int, device: str, taesd: str |
     }
 
 
-def bench_streams(
-    model: str, size: int, rounds: int, device: str, taesd: str | None, counts: list[int]
-) -> dict:
-    models = load_models(ModelSpec(id=model, taesd=taesd, device=device), progress=True)
+def bench_streams(spec: ModelSpec, size: int, rounds: int, counts: list[int]) -> dict:
+    models = load_models(spec, progress=True)
     levels = (32, 45)
     image = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
     image = image.to(models.device, models.dtype)
@@ -298,6 +296,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--taesd", help='tiny autoencoder for every model (e.g. "tiny")')
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="model.dtype (docs/benchmarks.md's figures are float32; auto may pick bfloat16)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="one JSON object per model")
     parser.add_argument("--temporal", action="store_true", help="temporal techniques vs off")
@@ -308,7 +311,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     for entry in args.models:
         model, _, size = entry.partition(":")
-        shape = (model, args.size or int(size or 512), args.rounds, args.device, args.taesd)
+        spec = ModelSpec(id=model, taesd=args.taesd, device=args.device, dtype=args.dtype)
+        shape = (spec, args.size or int(size or 512), args.rounds)
         if args.streams:
             result, show = bench_streams(*shape, args.streams), print_streams
         elif args.temporal:

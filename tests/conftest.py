@@ -1,4 +1,10 @@
-"""Shared fixtures: one thread for torch (2 shared cores), offline tiny models in a temp cache."""
+"""Shared fixtures: one thread for torch (2 shared cores), offline tiny models in a temp cache.
+
+The tiny-model fixtures pin ``dtype: float32``: the tests that use them check the pipeline's
+arithmetic against references at float32 tolerances, which must not depend on whether the
+CPU running them has native bfloat16 (``dtype: auto`` would pick it there; see
+tests/test_dtype_auto.py). End-to-end tests (daemon, CLI) keep ``auto``, the shipped default.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ def tiny_models(model_cache: str):
     from broadcast_filter.diffusion.models import load_models
     from broadcast_filter.diffusion.spec import ModelSpec
 
-    return load_models(ModelSpec(id="tiny", device="cpu", cache_dir=model_cache), progress=False)
+    return load_models(
+        ModelSpec(id="tiny", device="cpu", dtype="float32", cache_dir=model_cache), progress=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -45,5 +53,5 @@ def tiny_models_taesd(model_cache: str):
     from broadcast_filter.diffusion.models import load_models
     from broadcast_filter.diffusion.spec import ModelSpec
 
-    spec = ModelSpec(id="tiny", taesd="tiny", device="cpu", cache_dir=model_cache)
+    spec = ModelSpec(id="tiny", taesd="tiny", device="cpu", dtype="float32", cache_dir=model_cache)
     return load_models(spec, progress=False)

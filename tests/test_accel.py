@@ -21,7 +21,9 @@ def outputs(models, count: int = 4) -> list[torch.Tensor]:
 @pytest.fixture
 def fresh_tiny(model_cache):
     """A private copy: acceleration changes modules in place."""
-    return lambda: load_models(ModelSpec(id="tiny", cache_dir=model_cache), progress=False)
+    return lambda: load_models(
+        ModelSpec(id="tiny", dtype="float32", cache_dir=model_cache), progress=False
+    )
 
 
 @pytest.mark.parametrize(

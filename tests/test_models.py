@@ -4,6 +4,8 @@ Everything runs offline against models built into a temporary cache; the real ~/
 never touched. Nothing can be downloaded here, so hub ids are exercised with HF_HUB_OFFLINE=1:
 loading from a hub cache laid out as ``hf download`` leaves it, and the errors when it is
 missing or incomplete. The download itself is huggingface_hub's ``snapshot_download``.
+Loads whose weights are compared pin ``dtype="float32"``: ``auto`` may pick bfloat16 on a CPU
+with native support (tests/test_dtype_auto.py), and these tests are about the loader.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def tiny(cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle(cache: Path, tiny: Path) -> ModelBundle:
-    return load_models(ModelSpec(id="tiny", cache_dir=str(cache)), progress=False)
+    return load_models(ModelSpec(id="tiny", dtype="float32", cache_dir=str(cache)), progress=False)
 
 
 def assert_same_weights(actual: torch.nn.Module | dict, expected: torch.nn.Module | dict) -> None:
@@ -91,7 +93,7 @@ def test_tiny_is_built_once_and_loads_identically(cache: Path, tiny: Path, bundl
     weights = tiny / "unet" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime_ns
     assert ensure_offline_model("tiny", cache) == tiny
-    again = load_models(ModelSpec(id="tiny", cache_dir=str(cache)), progress=False)
+    again = load_models(ModelSpec(id="tiny", dtype="float32", cache_dir=str(cache)), progress=False)
     assert weights.stat().st_mtime_ns == before, "the cached model was rebuilt"
     for name in ("unet", "vae", "text_encoder"):
         assert_same_weights(getattr(again, name), getattr(bundle, name))
@@ -283,7 +285,9 @@ def test_lora_is_fused_with_its_scale(
             for key, value in load_file(file).items()
         }
         save_file(layers, file, metadata=metadata)
-    spec = ModelSpec(id="tiny", loras=((str(tmp_path / "style"), 0.5),), cache_dir=str(cache))
+    spec = ModelSpec(
+        id="tiny", dtype="float32", loras=((str(tmp_path / "style"), 0.5),), cache_dir=str(cache)
+    )
     fused = load_models(spec, progress=False)
     changes = fused_changes(fused, bundle)
     assert changes.keys() == deltas.keys()  # exactly the targets changed, every one of them
@@ -299,6 +303,7 @@ def test_lcm_lora_and_extra_lora_add_up(cache: Path, tiny: Path, bundle, tmp_pat
     lcm_file = tmp_path / "lcm" / "pytorch_lora_weights.safetensors"  # a file path works too
     spec = ModelSpec(
         id="tiny",
+        dtype="float32",
         lcm_lora=str(lcm_file),
         loras=((str(tmp_path / "extra"), -1.5),),
         cache_dir=str(cache),
@@ -315,7 +320,9 @@ def test_lcm_lora_and_extra_lora_add_up(cache: Path, tiny: Path, bundle, tmp_pat
 @pytest.mark.parametrize("where", ["name", "folder", "parent"])
 def test_taesd(cache: Path, tiny: Path, where: str) -> None:
     taesd = {"name": "tiny", "folder": str(tiny / "taesd"), "parent": str(tiny)}[where]
-    loaded = load_models(ModelSpec(id="tiny", taesd=taesd, cache_dir=str(cache)), False)
+    loaded = load_models(
+        ModelSpec(id="tiny", dtype="float32", taesd=taesd, cache_dir=str(cache)), False
+    )
     assert isinstance(loaded.vae, AutoencoderTiny)
     assert not loaded.vae.training
     assert_same_weights(
@@ -479,7 +486,9 @@ def test_single_file_round_trip(
     # Configs only, no weights: every loaded weight must come from the checkpoint.
     config = tmp_path / "config"
     shutil.copytree(tiny, config, ignore=shutil.ignore_patterns("*.safetensors"))
-    spec = ModelSpec(id=str(path), single_file_config=str(config), cache_dir=str(cache))
+    spec = ModelSpec(
+        id=str(path), dtype="float32", single_file_config=str(config), cache_dir=str(cache)
+    )
     loaded = load_models(spec, progress=False)
     for name in ("unet", "vae", "text_encoder"):
         assert_same_weights(getattr(loaded, name), getattr(bundle, name))
@@ -582,7 +591,7 @@ def test_single_file_without_config_offline(
     message = missing(ModelSpec(id=str(path), single_file_config="./no/such/config"))
     assert "single_file_config './no/such/config' not found: no such folder" in message
     # An offline model's name works as the config too.
-    spec = ModelSpec(id=str(path), single_file_config="tiny", cache_dir=str(cache))
+    spec = ModelSpec(id=str(path), dtype="float32", single_file_config="tiny", cache_dir=str(cache))
     assert_same_weights(load_models(spec, progress=False).unet, bundle.unet)
 
 
@@ -599,7 +608,9 @@ def fake_hub_snapshot(cache: Path, repo_id: str, source: Path, skip: str = "") -
 @pytest.mark.usefixtures("offline")
 def test_hub_id_loads_from_the_hub_cache(tiny: Path, bundle: ModelBundle, tmp_path: Path) -> None:
     fake_hub_snapshot(tmp_path, "someone/tiny-sd", tiny)
-    loaded = load_models(ModelSpec(id="someone/tiny-sd", cache_dir=str(tmp_path)), False)
+    loaded = load_models(
+        ModelSpec(id="someone/tiny-sd", dtype="float32", cache_dir=str(tmp_path)), False
+    )
     for name in ("unet", "vae", "text_encoder"):
         assert_same_weights(getattr(loaded, name), getattr(bundle, name))
     assert loaded.name == "someone/tiny-sd"

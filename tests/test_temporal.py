@@ -64,7 +64,9 @@ def own_models(model_cache):
     from broadcast_filter.diffusion.models import load_models
     from broadcast_filter.diffusion.spec import ModelSpec
 
-    return load_models(ModelSpec(id="tiny", device="cpu", cache_dir=model_cache), progress=False)
+    return load_models(
+        ModelSpec(id="tiny", device="cpu", dtype="float32", cache_dir=model_cache), progress=False
+    )
 
 
 # --------------------------------------------------------------------------- off is today

@@ -9,7 +9,7 @@ extra LoRAs, optionally swaps the VAE for a tiny autoencoder, and returns a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,11 +31,13 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from broadcast_filter.diffusion.offline import OFFLINE_MODELS, ensure_offline_model
+from broadcast_filter.diffusion.precision import auto_on_cpu
 from broadcast_filter.diffusion.spec import ModelSpec, ref_kind
 
 __all__ = [
     "ModelBundle",
     "ModelNotFoundError",
+    "describe_dtype",
     "load_models",
     "resolve_device_dtype",
 ]
@@ -70,6 +72,8 @@ class ModelBundle:
     device: torch.device
     dtype: torch.dtype
     name: str
+    #: One line on the dtype: ``dtype float32 (as configured)``, ``dtype auto -> ... (why)``.
+    dtype_reason: str
 
 
 class ModelNotFoundError(RuntimeError):
@@ -78,7 +82,8 @@ class ModelNotFoundError(RuntimeError):
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """Resolve ``auto`` choices: cuda, else mps, else cpu; fp16 on cuda, fp32 elsewhere."""
+    """Resolve ``auto`` choices: cuda, else mps, else cpu; fp16 on cuda, fp32 elsewhere (the
+    dtype to load in: on a CPU, :func:`load_models` may then switch ``auto`` to bf16)."""
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"
@@ -96,20 +101,29 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return resolved, DTYPES[dtype]
 
 
-def load_models(spec: ModelSpec, progress: bool = True) -> ModelBundle:
+def load_models(spec: ModelSpec, progress: bool = True, *, download: bool = True) -> ModelBundle:
     """Load (downloading if needed), fuse LoRAs, and place every module on device/dtype.
 
     Every source is resolved first, so a missing LoRA or TAESD fails before any loading.
+    With ``download=False`` a hub model that is not in the cache is a
+    :class:`ModelNotFoundError` instead of a download (offline models are still built).
+    ``dtype: auto`` on a CPU loads in float32, then keeps float32 or casts to bfloat16 after
+    a one-off accuracy check (:mod:`~broadcast_filter.diffusion.precision`).
     """
     device, dtype = resolve_device_dtype(spec.device, spec.dtype)
-    source = _resolve_model(spec, progress)
+    source = _resolve_model(spec, progress, download)
     adapters = [(spec.lcm_lora, 1.0)] if spec.lcm_lora is not None else []
     adapters += spec.loras
-    loras = [(_resolve(name, "LoRA", LORA_FILES, spec, progress), s) for name, s in adapters]
-    taesd = _resolve_taesd(spec.taesd, spec, progress) if spec.taesd is not None else None
+    loras = [
+        (_resolve(name, "LoRA", LORA_FILES, spec, progress, download), scale)
+        for name, scale in adapters
+    ]
+    taesd = None
+    if spec.taesd is not None:
+        taesd = _resolve_taesd(spec.taesd, spec, progress, download)
 
     if source.is_file():
-        pipe = _load_single_file(source, spec, dtype)
+        pipe = _load_single_file(source, spec, dtype, download)
     else:
         pipe = _load_folder(source, dtype, load_vae=taesd is None)
     if loras:
@@ -117,7 +131,7 @@ def load_models(spec: ModelSpec, progress: bool = True) -> ModelBundle:
     vae = pipe.vae if taesd is None else AutoencoderTiny.from_pretrained(taesd, torch_dtype=dtype)
     for module in (pipe.unet, vae, pipe.text_encoder):
         module.to(device).eval().requires_grad_(False)
-    return ModelBundle(
+    bundle = ModelBundle(
         unet=pipe.unet,
         vae=vae,
         text_encoder=pipe.text_encoder,
@@ -126,7 +140,20 @@ def load_models(spec: ModelSpec, progress: bool = True) -> ModelBundle:
         device=device,
         dtype=dtype,
         name=_describe(spec),
+        dtype_reason=describe_dtype(spec.dtype, device, dtype),
     )
+    if spec.dtype == "auto" and device.type == "cpu":
+        float32 = replace(spec, dtype="float32")
+        bundle = auto_on_cpu(spec, bundle, lambda: load_models(float32, progress=False))
+    return bundle
+
+
+def describe_dtype(asked: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``dtype float16 (as configured)`` or ``dtype auto -> float16 (cuda)``."""
+    name = str(dtype).removeprefix("torch.")
+    if asked != "auto":
+        return f"dtype {name} (as configured)"
+    return f"dtype auto -> {name} ({device.type})"
 
 
 def _describe(spec: ModelSpec) -> str:
@@ -139,16 +166,16 @@ def _describe(spec: ModelSpec) -> str:
     return " + ".join(parts)
 
 
-def _resolve_model(spec: ModelSpec, progress: bool) -> Path:
+def _resolve_model(spec: ModelSpec, progress: bool, download: bool) -> Path:
     """Local folder or checkpoint file for ``spec.id`` (building or downloading it)."""
     files = PIPELINE_FILES if spec.taesd is not None else [*PIPELINE_FILES, VAE_WEIGHTS]
-    return _resolve(spec.id, "model", files, spec, progress)
+    return _resolve(spec.id, "model", files, spec, progress, download)
 
 
-def _resolve_taesd(name: str, spec: ModelSpec, progress: bool) -> Path:
+def _resolve_taesd(name: str, spec: ModelSpec, progress: bool, download: bool) -> Path:
     """Folder of an ``AutoencoderTiny``: an offline model's ``taesd`` subfolder, a local folder
     (or its ``taesd`` subfolder) or a hub snapshot."""
-    folder = _resolve(name, "TAESD", TAESD_FILES, spec, progress)
+    folder = _resolve(name, "TAESD", TAESD_FILES, spec, progress, download)
     if not (folder / "config.json").is_file() and (folder / "taesd").is_dir():
         folder = folder / "taesd"
     _require_files(folder, ["config.json"])
@@ -156,7 +183,12 @@ def _resolve_taesd(name: str, spec: ModelSpec, progress: bool) -> Path:
 
 
 def _resolve(
-    name: str, what: str, allow_patterns: list[str], spec: ModelSpec, progress: bool
+    name: str,
+    what: str,
+    allow_patterns: list[str],
+    spec: ModelSpec,
+    progress: bool,
+    download: bool = True,
 ) -> Path:
     """What ``name`` refers to (:func:`~broadcast_filter.diffusion.spec.ref_kind`): an
     offline model's folder, a local path that exists, or a hub snapshot restricted to
@@ -183,6 +215,7 @@ def _resolve(
                 name,
                 allow_patterns=allow_patterns,
                 cache_dir=spec.cache_dir,
+                local_files_only=not download,
                 tqdm_class=None if progress else _SilentTqdm,
             )
         )
@@ -273,7 +306,9 @@ def _require_files(folder: Path, names: list[str]) -> None:
         )
 
 
-def _load_single_file(path: Path, spec: ModelSpec, dtype: torch.dtype) -> StableDiffusionPipeline:
+def _load_single_file(
+    path: Path, spec: ModelSpec, dtype: torch.dtype, download: bool
+) -> StableDiffusionPipeline:
     """An original-layout SD 1.x / 2.x checkpoint, configs from ``single_file_config``."""
     config = spec.single_file_config
     kind = ref_kind(config) if config is not None else "hub"
@@ -281,7 +316,7 @@ def _load_single_file(path: Path, spec: ModelSpec, dtype: torch.dtype) -> Stable
         config = str(_resolve(config, "single_file_config", [], spec, progress=False))
     elif kind == "path" and not Path(config).expanduser().is_dir():
         raise ModelNotFoundError(f"single_file_config {config!r} not found: no such folder")
-    offline = kind != "hub"
+    offline = kind != "hub" or not download
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path),

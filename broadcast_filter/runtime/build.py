@@ -111,13 +111,16 @@ def build_daemon(
 
     def engine_for(spec: ModelSpec, chosen: Preset, progress: bool) -> Engine:
         if shared is None:
-            return load_engine(spec, w, h, chosen, progress=progress)
-        pool, batcher = shared
-        models, generation = pool.get(spec, progress=progress)
-        engine = load_engine(
-            spec, w, h, chosen, progress=False, models=models, runner=batcher.drive
-        )
-        engine.generation = generation
+            engine = load_engine(spec, w, h, chosen, progress=progress)
+        else:
+            pool, batcher = shared
+            models, generation = pool.get(spec, progress=progress)
+            engine = load_engine(
+                spec, w, h, chosen, progress=False, models=models, runner=batcher.drive
+            )
+            engine.generation = generation
+        models = engine.pipe.models
+        status.log(f"model {models.name}: {models.dtype_reason}")
         return engine
 
     def load(spec: ModelSpec, chosen: Preset) -> Engine:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broadcast_filter.control.config import DaemonConfig
-from broadcast_filter.diffusion.spec import ref_kind
+from broadcast_filter.diffusion.spec import ModelSpec, ref_kind
 
 Line = tuple[str, str, str]
 
@@ -112,6 +112,32 @@ def check_models(config: DaemonConfig | None) -> list[Line]:
     return lines
 
 
+def check_dtype(config: DaemonConfig | None) -> list[Line]:
+    """What ``model.dtype`` resolves to here. ``auto`` on a CPU with native bfloat16 loads
+    the model (never downloading it) to run the same accuracy check a start runs."""
+    from broadcast_filter.diffusion.models import (
+        ModelNotFoundError,
+        describe_dtype,
+        load_models,
+        resolve_device_dtype,
+    )
+    from broadcast_filter.diffusion.precision import decide, native_bf16
+
+    spec = config.model if config is not None else ModelSpec()
+    device, dtype = resolve_device_dtype(spec.device, spec.dtype)
+    if spec.dtype != "auto" or device.type != "cpu":
+        return [("ok", describe_dtype(spec.dtype, device, dtype), "")]
+    feature = native_bf16()
+    if feature is None:
+        return [("ok", decide(None, None).describe(), "")]
+    try:
+        bundle = load_models(spec, progress=False, download=False)
+    except ModelNotFoundError:
+        what = f"dtype auto -> bfloat16 or float32 (CPU has {feature}; checked at model load)"
+        return [("ok", what, "not checked now: the model is not on disk yet (see above)")]
+    return [("ok", bundle.dtype_reason, "")]
+
+
 def run_checks(config: DaemonConfig | None, out: Callable[[str], None] = print) -> int:
     """Print every check; return 1 if any failed, else 0."""
     out(
@@ -122,6 +148,7 @@ def run_checks(config: DaemonConfig | None, out: Callable[[str], None] = print) 
     for check in (check_torch, check_versions, check_virtual_camera, check_ndi):
         lines += check()
     lines += check_models(config)
+    lines += check_dtype(config)
     for level, what, hint in lines:
         out(f"{level:<5} {what}" + (f"\n      -> {hint}" if hint else ""))
     return 1 if any(level == "fail" for level, _, _ in lines) else 0
