@@ -107,7 +107,7 @@ def floor_variant(models: ModelBundle, size: int, levels: tuple[int, ...]) -> Ca
     hidden = pipe.encode_prompt(PROMPT).cond.expand(n, -1, -1)
     timesteps = pipe._schedule.timesteps
     g = torch.Generator().manual_seed(0)
-    in_flight = torch.randn((n - 1, 4, size // 8, size // 8), generator=g)
+    in_flight = torch.randn((n - 1, *pipe._latent_shape), generator=g)
     in_flight = in_flight.to(models.device, models.dtype)
     vae, unet = models.vae, models.unet
     tiny = isinstance(vae, AutoencoderTiny)

@@ -1,6 +1,11 @@
 """Procedural pictures the demo model is trained and tested on: FFmpeg lavfi sources and
 numpy gradients, shapes, gratings and smooth noise (all reproducible from their seed).
 
+Detail is kept at scales a 128x128 picture through a 1/4-resolution latent can hold: the
+lavfi sources are drawn coarser than the output and enlarged with nearest-neighbour
+(``testsrc2`` and ``mandelbrot`` at half size, ``life`` with 4 or 8 px cells, ``cellauto``
+with 8 px cells); 1-2 px cells and ``testsrc2``'s text at full size are finer than that.
+
 :func:`procedural_images` draws ``count`` images from ``seed``; the training script uses
 :data:`TRAIN_SEED` and the tests and benchmarks :data:`HELD_OUT_SEED`, so held-out images
 come from other lavfi seeds, other frames and other shapes. Images are ``float32`` arrays
@@ -45,13 +50,14 @@ def lavfi_frames(source: str, count: int, size: int, every: int = 1) -> np.ndarr
 def _lavfi_source(kind: str, rng: np.random.Generator, size: int) -> tuple[str, int]:
     """A lavfi source description drawn from ``rng`` and the frame step to read it with."""
     seed = int(rng.integers(1, 2**31 - 1))
+    half = size // 2  # testsrc2 and mandelbrot are drawn at half size, shown 2x (nearest)
     if kind == "testsrc2":
         start = int(rng.integers(0, 10_000))
-        return f"testsrc2=size={size}x{size}:rate=25,trim=start_frame={start}", 7
+        return f"testsrc2=size={half}x{half}:rate=25,trim=start_frame={start}", 7
     if kind == "mandelbrot":
         x, y = rng.uniform(-1.6, 0.3), rng.uniform(-0.8, 0.8)
         return (
-            f"mandelbrot=size={size}x{size}:rate=25:maxiter=256:start_x={x:.4f}:"
+            f"mandelbrot=size={half}x{half}:rate=25:maxiter=256:start_x={x:.4f}:"
             f"start_y={y:.4f}:start_scale={rng.uniform(0.5, 3):.3f}:end_scale=0.05",
             5,
         )
@@ -64,7 +70,7 @@ def _lavfi_source(kind: str, rng: np.random.Generator, size: int) -> tuple[str, 
             3,
         )
     if kind == "cellauto":
-        cells = int(rng.choice([32, 64]))
+        cells = 16
         rule = int(rng.choice([18, 30, 45, 73, 90, 105, 110, 150]))
         return f"cellauto=size={cells}x{cells}:rate=25:rule={rule}:random_seed={seed}", 4
     raise ValueError(f"unknown lavfi kind {kind!r}")

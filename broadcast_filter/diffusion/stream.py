@@ -122,7 +122,11 @@ class StreamPipeline:
         self.models = models
         self.device, self.dtype = models.device, models.dtype
         self._vae_scale = float(models.vae.config.scaling_factor)
-        self._latent_shape = (4, self.config.height // 8, self.config.width // 8)
+        blocks = models.vae.config[
+            "encoder_block_out_channels" if self._tiny_vae else "block_out_channels"
+        ]
+        scale = 2 ** (len(blocks) - 1)  # the VAE's downsampling (diffusers' vae_scale_factor)
+        self._latent_shape = (4, self.config.height // scale, self.config.width // scale)
         self._embeds_cache: OrderedDict[tuple[str, str], PromptEmbeds] = OrderedDict()
         self._embeds: PromptEmbeds | None = None
         self._hidden: dict[tuple[int, int], torch.Tensor] = {}  # by (batch, negatives)
