@@ -66,7 +66,7 @@ def edge_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def demo() -> ModelBundle:
-    spec = ModelSpec(id="demo", taesd="demo", device="cpu")
+    spec = ModelSpec(id="demo", taesd="demo", device="cpu", dtype="float32")  # as measured
     return load_models(spec, progress=False)
 
 

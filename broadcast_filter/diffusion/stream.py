@@ -123,7 +123,9 @@ class StreamPipeline:
         self.device, self.dtype = models.device, models.dtype
         self._vae_scale = float(models.vae.config.scaling_factor)
         blocks = models.vae.config[
-            "encoder_block_out_channels" if self._tiny_vae else "block_out_channels"
+            "encoder_block_out_channels"  # AutoencoderTiny
+            if "encoder_block_out_channels" in models.vae.config
+            else "block_out_channels"
         ]
         scale = 2 ** (len(blocks) - 1)  # the VAE's downsampling (diffusers' vae_scale_factor)
         self._latent_shape = (4, self.config.height // scale, self.config.width // scale)
