@@ -2,7 +2,7 @@
 :mod:`broadcast_filter.diffusion.demo_styles`, written as the diffusers folder that ships in
 ``broadcast_filter/diffusion/weights/demo``.
 
-    python scripts/train_tiny.py                      # RUN_TIME on 2 CPU cores, writes the folder
+    python scripts/train_tiny.py --threads 1   # 23 min on a shared 2-core CPU, writes the folder
     python scripts/train_tiny.py --quick --out /tmp/demo-smoke   # ~1.5 min, checks the chain
 
 Seeded and reproducible on CPU with the same thread count (``--threads``, default 2) and
