@@ -138,6 +138,19 @@ def measure(variants: dict[str, Callable], image: torch.Tensor, rounds: int) -> 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def run_info(models: ModelBundle, size: int, levels: tuple[int, ...], rounds: int) -> dict:
+    """What every result says about its run: model, size, levels, device, dtype, threads."""
+    return {
+        "model": models.name,
+        "size": f"{size}x{size}",
+        "levels": list(levels),
+        "device": str(models.device),
+        "dtype": str(models.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+    }
+
+
 def bench_model(spec: ModelSpec, size: int, rounds: int) -> dict:
     models = load_models(spec, progress=True)
     levels = (32, 45)
@@ -158,13 +171,7 @@ def bench_model(spec: ModelSpec, size: int, rounds: int) -> dict:
         seconds = measure(variants, image, rounds)
     fps = {name: 1.0 / s for name, s in seconds.items()}
     return {
-        "model": models.name,
-        "size": f"{size}x{size}",
-        "levels": list(levels),
-        "device": str(models.device),
-        "dtype": str(models.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "rounds": rounds,
+        **run_info(models, size, levels, rounds),
         "fps": {k: round(v, 3) for k, v in fps.items()},
         "stream_batch_speedup": round(fps["stream_none"] / fps["sequential_none"], 3),
         "rcfg_self_speedup": round(fps["stream_self"] / fps["stream_full"], 3),
@@ -188,13 +195,7 @@ def bench_temporal(spec: ModelSpec, size: int, rounds: int) -> dict:
     bank = pipes["cache_2"].temporal_state.bank
     per_frame = bank.nbytes / max(len(bank), 1)
     return {
-        "model": models.name,
-        "size": f"{size}x{size}",
-        "levels": list(levels),
-        "device": str(models.device),
-        "dtype": str(models.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "rounds": rounds,
+        **run_info(models, size, levels, rounds),
         "ms_per_frame": {k: round(1000 * v, 1) for k, v in seconds.items()},
         "cost_vs_off": {k: round(v / seconds["off"], 3) for k, v in seconds.items()},
         "cache_bytes_per_frame": int(per_frame),
@@ -224,13 +225,7 @@ def bench_streams(spec: ModelSpec, size: int, rounds: int, counts: list[int]) ->
     with torch.inference_mode():
         seconds = measure(variants, image, rounds)
     return {
-        "model": models.name,
-        "size": f"{size}x{size}",
-        "levels": list(levels),
-        "device": str(models.device),
-        "dtype": str(models.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "rounds": rounds,
+        **run_info(models, size, levels, rounds),
         "aggregate_fps": {k: round(int(k.split("_")[0]) / v, 3) for k, v in seconds.items()},
         "per_stream_fps": {k: round(1 / v, 3) for k, v in seconds.items()},
         "batched_speedup": {
