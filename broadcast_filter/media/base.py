@@ -3,6 +3,11 @@
 A *source* yields RGB frames at its own pace; a *sink* takes RGB frames at the output's pace.
 Both are context managers; ``close()`` is called exactly once and must not raise.
 Frames are ``numpy.ndarray`` of shape ``(H, W, 3)``, dtype ``uint8``, RGB, C-contiguous.
+
+Sound (:mod:`broadcast_filter.media.audio`): a source whose kind can carry audio
+(``carries_audio``) hands each decoded :class:`~broadcast_filter.media.audio.AudioChunk` to
+the listener set with :meth:`Source.listen_audio`, from its own thread; a sink opened with
+audio (``audio`` true) takes the delayed samples in :meth:`Sink.send_audio`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+
+from broadcast_filter.media.audio import AUDIO_MODES, AudioChunk
+
+AudioListener = Callable[[AudioChunk], None]
 
 
 class MediaError(RuntimeError):
@@ -38,6 +47,19 @@ class Source(abc.ABC):
 
     #: registry key and URL scheme, e.g. ``"testsrc"``, ``"file"``, ``"rtmp"``
     kind: ClassVar[str]
+    #: whether this source may deliver audio (then the daemon gives its sinks an audio track)
+    carries_audio: ClassVar[bool] = False
+    _audio_listener: AudioListener | None = None
+    #: what the source's audio is, for the status line: ``"aac 48k stereo"``, ``"none"``
+    audio_state: str = "none"
+
+    def listen_audio(self, listener: AudioListener | None) -> None:
+        """Call ``listener`` with every audio chunk from now on (``None``: stop)."""
+        self._audio_listener = listener
+
+    def _emit_audio(self, chunk: AudioChunk) -> None:
+        if (listener := self._audio_listener) is not None and len(chunk.samples):
+            listener(chunk)
 
     @abc.abstractmethod
     def frames(self) -> Iterator[Frame]:
@@ -62,6 +84,8 @@ class Sink(abc.ABC):
         self.width, self.height, self.fps = width, height, fps
         #: how errors name this sink (network sinks: the URL with secrets masked)
         self.label = self.kind
+        #: whether this sink has an audio track (sinks that can carry one set it when opened)
+        self.audio = False
 
     @abc.abstractmethod
     def send(self, image: np.ndarray) -> None:
@@ -75,6 +99,11 @@ class Sink(abc.ABC):
                 f"uint8 RGB, got {image.shape} {image.dtype}"
             )
 
+    def send_audio(self, samples: np.ndarray, at: float) -> None:  # noqa: B027 - optional
+        """Deliver ``(n, CHANNELS)`` float32 samples whose first one goes on air at ``at``
+        (``time.monotonic()``, the clock of :meth:`send`'s frames); only if ``audio``.
+        Consecutive calls are contiguous. Must not block for long."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release; called exactly once."""
 
@@ -83,6 +112,15 @@ class Sink(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def audio_track(mode: object, label: str) -> bool:
+    """Whether a sink's ``audio:`` option (:data:`~broadcast_filter.media.audio.AUDIO_MODES`)
+    asks for an audio track; anything else is a MediaError naming the sink."""
+    if mode not in AUDIO_MODES:
+        choices = ", ".join(AUDIO_MODES)
+        raise MediaError(f"sink {label}: audio must be one of {choices}, got {mode!r}")
+    return mode != "off"
 
 
 SourceFactory = Callable[..., Source]

@@ -29,6 +29,7 @@ from broadcast_filter.media.base import (
     Sink,
     Source,
     SourceLost,
+    audio_track,
     register_sink,
     register_source,
 )
@@ -207,10 +208,13 @@ class NdiSink(Sink):
 
     kind = "ndi"
 
-    def __init__(self, url: str, *, width: int, height: int, fps: float) -> None:
+    def __init__(
+        self, url: str, *, width: int, height: int, fps: float, audio: str = "aac"
+    ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         ndi = ndi_lib()
         self.name = self.label = _name(url)
+        audio_track(audio, self.label)  # NDI audio is always PCM: any mode but "off" is on
         settings = ndi.SendCreate()
         settings.ndi_name = self.name
         settings.clock_video = False  # the daemon paces output itself

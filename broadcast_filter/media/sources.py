@@ -22,7 +22,7 @@ from typing import ClassVar
 import av
 import numpy as np
 
-from .base import Frame, MediaError, Source, SourceLost
+from .base import AudioListener, Frame, MediaError, Source, SourceLost
 from .convert import FitPolicy, FrameConverter
 from .rate import frame_rate
 
@@ -185,6 +185,17 @@ class FittedSource(Source):
             else:
                 rgb = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
                 yield Frame(self._converter.convert(rgb), frame.captured_at, frame.index)
+
+    @property  # type: ignore[override]
+    def carries_audio(self) -> bool:  # the wrapped source's, audio is not fitted
+        return self.source.carries_audio
+
+    @property  # type: ignore[override]
+    def audio_state(self) -> str:
+        return self.source.audio_state
+
+    def listen_audio(self, listener: AudioListener | None) -> None:
+        self.source.listen_audio(listener)
 
     def close(self) -> None:
         self.source.close()

@@ -6,7 +6,10 @@ Every message is a fixed header (:data:`HEADER`: kind, a, b, time, n) then a pay
 * a state: ``(STATE, code, len(text), time, 0)`` + UTF-8 text (``code``: CONNECTING, LIVE, LOST);
 * the settings: ``(SPEC, 0, len, 0, 0)`` + JSON, sent once on stdin (never on argv, where
   ``ps`` would show stream keys);
-* a drop count: ``(DROPS, count, 0, 0, 0)``, no payload (frames the process had to drop).
+* a drop count: ``(DROPS, count, 0, 0, 0)``, no payload (frames the process had to drop);
+* audio: ``(AUDIO, samples, channels, captured_at, 0)`` + ``samples * channels`` float32
+  (interleaved, :data:`~broadcast_filter.media.audio.RATE` Hz); from a sink's daemon side
+  ``captured_at`` is the time the first sample goes on air.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 HEADER = struct.Struct("<IIIdQ")
-FRAME, STATE, SPEC, DROPS = 1, 2, 3, 4
+FRAME, STATE, SPEC, DROPS, AUDIO = 1, 2, 3, 4, 5
 
 #: state codes an I/O process reports
 CONNECTING, LIVE, LOST = 0, 1, 2
@@ -27,7 +30,8 @@ CONNECTING, LIVE, LOST = 0, 1, 2
 
 @dataclass(frozen=True)
 class Message:
-    """One decoded message; ``payload`` is an ``(a, b, 3)`` image for a frame, else bytes."""
+    """One decoded message; ``payload`` is an ``(a, b, 3)`` image for a frame, ``(a, b)``
+    float32 samples for audio, else bytes."""
 
     kind: int
     a: int
@@ -46,6 +50,13 @@ def write_frame(out: BinaryIO, image: np.ndarray, captured_at: float, index: int
     height, width = image.shape[:2]
     out.write(HEADER.pack(FRAME, height, width, captured_at, index))
     out.write(memoryview(np.ascontiguousarray(image)).cast("B"))
+    out.flush()
+
+
+def write_audio(out: BinaryIO, samples: np.ndarray, t: float) -> None:
+    n, channels = samples.shape
+    out.write(HEADER.pack(AUDIO, n, channels, t, 0))
+    out.write(memoryview(np.ascontiguousarray(samples, np.float32)).cast("B"))
     out.flush()
 
 
@@ -83,6 +94,11 @@ def read_message(inp: BinaryIO) -> Message | None:
         if not _read_into(inp, memoryview(image).cast("B")):
             return None
         return Message(kind, a, b, t, n, image)
+    if kind == AUDIO:
+        samples = np.empty((a, b), np.float32)
+        if not _read_into(inp, memoryview(samples).cast("B")):
+            return None
+        return Message(kind, a, b, t, n, samples)
     payload = _read_exact(inp, 0 if kind == DROPS else b)
     return None if payload is None else Message(kind, a, b, t, n, payload)
 

@@ -37,15 +37,23 @@ from broadcast_filter.runtime.engine import Engine, SharedModels, load_engine
 from broadcast_filter.runtime.telemetry import StatusLine, Telemetry
 
 
+def sink_options(settings: SinkSettings, audio: bool) -> dict[str, object]:
+    """A sink's options; without audio from the source, no sink gets an audio track."""
+    return settings.options if audio else {**settings.options, "audio": "off"}
+
+
 def open_sinks(
-    sinks: Sequence[SinkSettings], width: int, height: int, fps: float
+    sinks: Sequence[SinkSettings], width: int, height: int, fps: float, *, audio: bool = False
 ) -> list[tuple[str, Sink]]:
     """Open every sink, or none: on a failure the ones already open are closed again.
-    Each is named by its URL with secrets masked (stream keys never reach the status line)."""
+    Each is named by its URL with secrets masked (stream keys never reach the status line).
+    With ``audio`` (the source may carry sound), sinks that can carry it get an audio track
+    unless their options say ``audio: off``."""
     opened: list[tuple[str, Sink]] = []
     try:
         for settings in sinks:
-            sink = open_sink(settings.url, width=width, height=height, fps=fps, **settings.options)
+            options = sink_options(settings, audio)
+            sink = open_sink(settings.url, width=width, height=height, fps=fps, **options)
             name = mask_url(settings.url)
             if any(name == n for n, _ in opened):
                 name = f"{name} #{len(opened) + 1}"
@@ -140,19 +148,19 @@ def build_daemon(
         on_restart=shared[0].drop if shared else lambda engine: None,
     )
     telemetry.set_state(preset=first.name, mode="starting", bypass=False)
-    sinks = open_sinks(config.sinks, w, h, config.fps)
+    src = config.source
+    source = open_source(src.url, width=w, height=h, fps=config.fps, fit=src.fit, **src.options)
+    audio = source.carries_audio
     try:
-        src = config.source
-        source = open_source(src.url, width=w, height=h, fps=config.fps, fit=src.fit, **src.options)
+        sinks = open_sinks(config.sinks, w, h, config.fps, audio=audio)
     except BaseException:
-        for _, sink in sinks:
-            sink.close()
+        source.close()
         raise
     urls = {name: settings for (name, _), settings in zip(sinks, config.sinks, strict=True)}
 
     def reopen(name: str) -> Sink:
         url = urls[name]
-        return open_sink(url.url, width=w, height=h, fps=config.fps, **url.options)
+        return open_sink(url.url, width=w, height=h, fps=config.fps, **sink_options(url, audio))
 
     daemon = Daemon(
         source,

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from broadcast_filter.control.config import ConfigError
+from broadcast_filter.media.audio import RATE
 from broadcast_filter.media.base import Frame, Sink, Source, SourceLost
+from broadcast_filter.runtime.av_sync import AudioLine, DelayTracker
 from broadcast_filter.runtime.controller import Controller, Result
 from broadcast_filter.runtime.on_air import Switcher
 from broadcast_filter.runtime.pacing import PaceState, pace
@@ -67,7 +69,9 @@ class Daemon:
         name: str = "",
     ) -> None:
         """``reopen_sink(name)`` opens a failed sink again (retried with backoff); without
-        it a failed sink stays closed. ``name`` is the stream's, when there are several."""
+        it a failed sink stays closed. ``name`` is the stream's, when there are several.
+        When the source carries audio and some sink has an audio track, the source's audio
+        goes through an :class:`AudioLine` delayed by the lasting video delay."""
         self.name = name
         self.source, self.controller, self.telemetry = source, controller, telemetry
         self.fps, self.limits = fps, limits
@@ -97,6 +101,13 @@ class Daemon:
         self._last_image: np.ndarray | None = None  # what the sinks got last
         self._last_poll = time.monotonic()
         self._last_out_at: float | None = None
+        #: the lasting video delay (capture to sink), from every fresh picture sent
+        self.delay = DelayTracker(fps)
+        self.audio: AudioLine | None = None
+        if source.carries_audio and any(s.audio for _, s in sinks):
+            self.audio = AudioLine(self.delay)
+            source.listen_audio(self.audio.put)
+            self.status_fields["audio"] = self._audio_state
         controller.attach(self.details, lambda: self._last_image)
 
     # ------------------------------------------------------------------ control
@@ -155,6 +166,14 @@ class Daemon:
             if value is not None:
                 values[name] = str(value)
         return values
+
+    def _audio_state(self) -> str:
+        """``aac 48k stereo, delay 120 ms``: the source's audio and how long it is held."""
+        assert self.audio is not None
+        text = f"{self.source.audio_state}, {self.audio.state}"
+        if self.audio.skipped:
+            text += f", {self.audio.skipped / RATE:.1f} s skipped"
+        return text
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -330,6 +349,7 @@ class Daemon:
             if self.output.closed:
                 return
             if picture is None:  # nothing to show this tick; never a reason to stop output
+                self._send_audio(now)
                 continue
             self.sinks.send(picture.image, now)
             self._last_image = picture.image
@@ -337,12 +357,22 @@ class Daemon:
                 self._fail("every sink failed")
             now = time.monotonic()
             fresh = picture.captured_at is not None and picture.key != last
-            self.telemetry.frame_out(now, now - picture.captured_at if fresh else None)
+            latency = now - picture.captured_at if fresh else None
+            self.telemetry.frame_out(now, latency)
+            if latency is not None:
+                self.delay.observe(latency)
+            self._send_audio(now)
             self._last_out_at = now
             last = picture.key
             if self.limits.frames is not None and state.emitted >= self.limits.frames:
                 self.request_stop(f"--frames {self.limits.frames}")
                 return
+
+
+    def _send_audio(self, now: float) -> None:
+        """The audio due on air by now (see :class:`AudioLine`) to every sink with audio."""
+        if self.audio is not None and (due := self.audio.pull(now)) is not None:
+            self.sinks.send_audio(*due, now)
 
 
 def install_signals(stop: Callable[[str], None]) -> Callable[[], None]:

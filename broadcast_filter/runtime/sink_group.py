@@ -56,14 +56,27 @@ class SinkGroup:
             try:
                 sink.send(image)
             except Exception as exc:  # one sink's failure must not stop the others
-                self.failed[name] = str(exc) or repr(exc)
-                self.close(name)
-                left = ", ".join(self.sinks) or "none"
-                retry = ""
-                if self.reopen is not None:
-                    self._retry[name] = (0, now + self.safety.sink_retry_s)
-                    retry = f"; re-opening in {self.safety.sink_retry_s:g} s"
-                self.log(f"sink {name} failed: {exc!r}{retry}; still sending to: {left}")
+                self._failed(name, exc, now)
+
+    def send_audio(self, samples: np.ndarray, at: float, now: float) -> None:
+        """Send audio going on air at ``at`` to every open sink with an audio track."""
+        for name, sink in list(self.sinks.items()):
+            if not sink.audio:
+                continue
+            try:
+                sink.send_audio(samples, at)
+            except Exception as exc:  # as for video: isolate, close, re-open later
+                self._failed(name, exc, now)
+
+    def _failed(self, name: str, exc: Exception, now: float) -> None:
+        self.failed[name] = str(exc) or repr(exc)
+        self.close(name)
+        left = ", ".join(self.sinks) or "none"
+        retry = ""
+        if self.reopen is not None:
+            self._retry[name] = (0, now + self.safety.sink_retry_s)
+            retry = f"; re-opening in {self.safety.sink_retry_s:g} s"
+        self.log(f"sink {name} failed: {exc!r}{retry}; still sending to: {left}")
 
     def retry(self, now: float, clock: Callable[[], float]) -> None:
         """Re-open failed sinks whose backoff has run out (opening may block)."""

@@ -1,0 +1,159 @@
+"""Keeping sound with the delayed picture: the lasting video delay, and an audio delay line.
+
+The output thread knows, for every fresh picture it sends, how long ago the frame it shows
+was captured (model time plus pacing). :class:`DelayTracker` turns those latencies into one
+*lasting* delay: the median of the last few, changed only when it moves by more than the
+tolerance (one frame interval, at most 30 ms), so the audio is not pulled about by the
+jitter of single frames.
+
+:class:`AudioLine` holds the source's audio on its capture clock and emits it on a
+continuous output timeline: output sample ``j`` goes on air at wall time ``j / RATE``
+(``time.monotonic()``), so the number of samples emitted always equals the elapsed time
+times the rate (no drift), and the samples it carries are those captured ``delay`` seconds
+earlier. Where no input was captured (no audio, a lost source) it emits silence. When the
+lasting delay changes (another preset, passthrough) the read position jumps once, with a
+short crossfade between the old and the new position: no click, no pitch change. Audio is
+emitted ``margin`` seconds behind the wall clock, so samples that arrive a little after
+their video frame (audio is encoded in blocks) are already there; sinks place each chunk by
+its ``at`` time, so this adds no offset.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+from collections import deque
+
+import numpy as np
+
+from broadcast_filter.media.audio import CHANNELS, RATE, AudioChunk
+
+#: a chunk that starts this close to where the previous one ended is taken as contiguous
+#: (stamps carry rounding and the stream's own timestamp jitter)
+SNAP_S = 0.004
+#: most audio one pull emits: a longer output stall skips ahead (counted) instead
+MAX_PULL_S = 2.0
+
+
+class DelayTracker:
+    """The lasting video delay from per-frame latencies (see the module docstring)."""
+
+    def __init__(self, fps: float, *, window: int = 9, max_tolerance: float = 0.03) -> None:
+        self.tolerance = min(1.0 / fps, max_tolerance)
+        self._recent: deque[float] = deque(maxlen=window)
+        self.delay: float | None = None
+        #: how many times the lasting delay changed after the first
+        self.changes = 0
+
+    def observe(self, latency: float) -> bool:
+        """Take one fresh frame's latency; True when the lasting delay changed."""
+        self._recent.append(latency)
+        median = statistics.median(self._recent)
+        if self.delay is None:
+            self.delay = median
+            return True
+        if abs(median - self.delay) > self.tolerance:
+            self.delay = median
+            self.changes += 1
+            return True
+        return False
+
+
+class AudioLine:
+    """A delay line from a source's audio (:meth:`put`) to the sinks (:meth:`pull`).
+
+    It reads the delay from ``tracker`` (fed by the output thread). ``capacity_s`` of input
+    is kept (longer than any video delay); ``splice_s`` is the crossfade when the delay
+    changes. Thread-safe: ``put`` comes from the source's thread, ``pull`` from the output's.
+    """
+
+    def __init__(
+        self,
+        tracker: DelayTracker,
+        *,
+        margin: float = 0.1,
+        capacity_s: float = 10.0,
+        splice_s: float = 0.01,
+    ) -> None:
+        self.tracker = tracker
+        self.margin = margin
+        self._cap = int(capacity_s * RATE)
+        self._ring = np.zeros((self._cap, CHANNELS), np.float32)
+        self._stamp = np.full(self._cap, -1, np.int64)  # absolute index held in each slot
+        self._splice = max(1, int(splice_s * RATE))
+        self._lock = threading.Lock()
+        self._next_in: int | None = None
+        self._out: int | None = None  # next output sample index (on air at _out / RATE)
+        self._read_delay: int | None = None  # delay in samples the last pull read at
+        #: input samples received; output samples read from missing input (silence)
+        self.received = 0
+        self.silent = 0
+        #: output samples skipped after a stall longer than MAX_PULL_S
+        self.skipped = 0
+
+    @property
+    def delay(self) -> float | None:
+        """The lasting delay the audio is held back by (seconds), once a frame went out."""
+        return self.tracker.delay
+
+    @property
+    def state(self) -> str:
+        if self.delay is None:
+            return "waiting for the first frame"
+        return f"delay {self.delay * 1000:.0f} ms"
+
+    def put(self, chunk: AudioChunk) -> None:
+        """Store captured samples at their capture time."""
+        samples = chunk.samples
+        n = len(samples)
+        if n == 0:
+            return
+        start = round(chunk.captured_at * RATE)
+        with self._lock:
+            if self._next_in is not None and abs(start - self._next_in) <= SNAP_S * RATE:
+                start = self._next_in
+            if n > self._cap:
+                samples, start, n = samples[-self._cap :], start + n - self._cap, self._cap
+            index = np.arange(start, start + n)
+            slots = index % self._cap
+            self._ring[slots] = samples
+            self._stamp[slots] = index
+            self._next_in = start + n
+            self.received += n
+
+    def pull(self, now: float) -> tuple[np.ndarray, float] | None:
+        """The samples due on air up to ``now - margin`` since the last pull, and the wall
+        time of the first; ``None`` before the first frame's latency or when none are due."""
+        end = math.floor((now - self.margin) * RATE)
+        with self._lock:
+            delay = self.tracker.delay
+            if delay is None:
+                return None
+            if self._out is None:
+                self._out = end
+                return None
+            if end <= self._out:
+                return None
+            if end - self._out > MAX_PULL_S * RATE:
+                self.skipped += end - self._out - int(MAX_PULL_S * RATE)
+                self._out = end - int(MAX_PULL_S * RATE)
+            start, n = self._out, end - self._out
+            new = round(delay * RATE)
+            samples = self._read(start - new, n, count=True)
+            old = self._read_delay
+            if old is not None and old != new:
+                k = min(n, self._splice)
+                fade = np.linspace(0.0, 1.0, k, dtype=np.float32)[:, None]
+                samples[:k] = self._read(start - old, k) * (1 - fade) + samples[:k] * fade
+            self._read_delay = new
+            self._out = end
+        return samples, start / RATE
+
+    def _read(self, start: int, n: int, *, count: bool = False) -> np.ndarray:
+        index = np.arange(start, start + n)
+        slots = index % self._cap
+        present = self._stamp[slots] == index
+        if count:
+            self.silent += n - int(present.sum())
+        return np.where(present[:, None], self._ring[slots], np.float32(0))
