@@ -44,9 +44,14 @@ class MediaClock:
     """Maps a stream's media time (seconds, from its timestamps) onto ``time.monotonic()``.
 
     Each decoded video frame gives ``arrival - media_time``; the smallest seen is the offset
-    (the frame that met the least delay on its way), so jitter in arrival does not move the
-    audio. A new connection (new timestamps) starts a new clock: :meth:`reset`.
+    (the frame that met the least delay on its way). A source stamps its video *and* audio
+    with :meth:`at`, so both carry the time the stream says they were captured, on one clock,
+    whatever jitter each met on the way; the daemon's latency figures then start from the
+    earliest possible arrival. A jump in the timestamps (a publisher that restarts its clock)
+    of more than :data:`REANCHOR_S` re-anchors the clock; a new connection calls :meth:`reset`.
     """
+
+    REANCHOR_S = 1.0
 
     def __init__(self) -> None:
         self.offset: float | None = None
@@ -54,16 +59,22 @@ class MediaClock:
     def reset(self) -> None:
         self.offset = None
 
-    def video(self, media_time: float | None, arrival: float) -> None:
-        """A video frame with this media time arrived at ``arrival``."""
+    def video(self, media_time: float | None, arrival: float) -> float:
+        """Stamp a video frame of ``media_time`` that arrived at ``arrival`` (and learn the
+        offset from it); without a media time, the arrival itself."""
         if media_time is None:
-            return
+            return arrival
         offset = arrival - media_time
-        if self.offset is None or offset < self.offset:
+        if self.offset is None or offset < self.offset or offset > self.offset + self.REANCHOR_S:
             self.offset = offset
+        return media_time + self.offset
 
-    def at(self, media_time: float, arrival: float) -> float:
-        """The monotonic time of ``media_time``; before any video, the audio's own arrival."""
+    def at(self, media_time: float | None, arrival: float) -> float:
+        """Stamp audio of ``media_time``: on the video's offset (audio arrives later than
+        its video, being encoded in blocks, so it does not move the offset); before any
+        video, its own arrival anchors the clock."""
+        if media_time is None:
+            return arrival
         if self.offset is None:
             self.offset = arrival - media_time
         return media_time + self.offset

@@ -1,4 +1,5 @@
-"""Egress process: read RGB frames from stdin, encode low-latency H.264 and send it.
+"""Egress process: read RGB frames (and audio) from stdin, encode low-latency H.264 (and AAC)
+and send it.
 
 Started by :class:`broadcast_filter.media.network.NetworkSink` through the
 :mod:`~broadcast_filter.media.supervisor`, settings on stdin (see :mod:`wire`). A reader
@@ -8,6 +9,13 @@ reported to the daemon). The main thread connects (PyAV connects lazily and hold
 while it does, which is why this is a process), encodes (:mod:`h264`) and on any error
 reports the state, waits with exponential backoff and connects again with a fresh encoder.
 End of stdin means "flush and exit": the daemon closed the sink, or died.
+
+Audio chunks, when the sink has an audio track, wait in their own short queue (not the
+video's: a video frame dropped under load must not take sound with it) and are encoded by
+:class:`~broadcast_filter.media.aac.AacTrack` on the video's timeline after each frame.
+The muxer writes every packet as it comes (``max_interleave_delta``): audio is sent a little
+after its video (it is produced behind the wall clock), and waiting for it would delay the
+picture; each packet carries its own timestamp, which is what receivers sync on.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import numpy as np
 
 from broadcast_filter.backoff import Backoff
 from broadcast_filter.media import portable, wire
+from broadcast_filter.media.aac import AacTrack
 from broadcast_filter.media.h264 import add_h264_stream, live_bitrate
 from broadcast_filter.media.ingest_process import reason
 from broadcast_filter.media.jitter import JitterBuffer
@@ -33,28 +42,33 @@ from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
 
 Item = tuple[np.ndarray, float]
 
-#: flush every packet at once; in MPEG-TS also write each video PES length so the receiving
-#: demuxer can emit a frame when it is complete instead of when the next frame starts
-#: (that is worth one frame interval of latency).
+#: flush every packet at once, without waiting to interleave (see the module docstring); in
+#: MPEG-TS also write each video PES length so the receiving demuxer can emit a frame when it
+#: is complete instead of when the next frame starts (that is worth one frame interval).
 MUXER_OPTIONS = {
     "flv": {"flvflags": "no_duration_filesize", "flush_packets": "1"},
     "mpegts": {"omit_video_pes_length": "0", "flush_packets": "1"},
 }
+INTERLEAVE = {"max_interleave_delta": "1"}
+#: audio chunks waiting for the encoder (one per output tick: 256 is 8 s at 30 fps)
+AUDIO_QUEUE = 256
 
 
-def read_frames(inp: BinaryIO, buffer: JitterBuffer[Item]) -> None:
-    """Move frames from stdin into ``buffer`` until end of stream, then close it."""
+def read_frames(inp: BinaryIO, buffer: JitterBuffer[Item], audio: JitterBuffer[Item]) -> None:
+    """Move frames and audio from stdin into their buffers until end of stream, then close."""
     try:
         while (message := wire.read_message(inp)) is not None:
-            if message.kind == wire.FRAME:
+            if message.kind in (wire.FRAME, wire.AUDIO):
                 assert isinstance(message.payload, np.ndarray)
-                buffer.put((message.payload, message.t))
+                (buffer if message.kind == wire.FRAME else audio).put((message.payload, message.t))
     finally:
         buffer.close()
 
 
-def open_output(spec: dict) -> tuple[av.container.OutputContainer, av.VideoStream]:
-    options = MUXER_OPTIONS[spec["format"]]
+def open_output(
+    spec: dict,
+) -> tuple[av.container.OutputContainer, av.VideoStream, AacTrack | None]:
+    options = MUXER_OPTIONS[spec["format"]] | INTERLEAVE
     container = av.open(spec["url"], "w", format=spec["format"], options=options, timeout=5.0)
     stream = add_h264_stream(
         container,
@@ -65,7 +79,8 @@ def open_output(spec: dict) -> tuple[av.container.OutputContainer, av.VideoStrea
         preset=spec["preset"],
         rate_control=live_bitrate(spec["bitrate"]),
     )
-    return container, stream
+    track = AacTrack(container, spec["audio_bitrate"]) if spec["audio"] else None
+    return container, stream, track
 
 
 class Drops:
@@ -94,12 +109,15 @@ class Drops:
 def send(
     container: av.container.OutputContainer,
     stream: av.VideoStream,
-    buffer: JitterBuffer[Item],
+    track: AacTrack | None,
+    buffers: tuple[JitterBuffer[Item], JitterBuffer[Item]],
     fps: float,
     drops: Drops,
 ) -> None:
-    """Encode and mux frames until the buffer closes; pts follow the time each frame was sent."""
+    """Encode and mux frames until the buffer closes; pts follow the time each frame was sent,
+    and audio is placed by the time it goes on air, on the same timeline."""
     rate = float(frame_rate(fps))
+    buffer, audio = buffers
     t0: float | None = None
     pts = -1
     while (item := buffer.take()) is not None:
@@ -110,12 +128,20 @@ def send(
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = pts
         container.mux(stream.encode(frame))
+        while (chunk := audio.take(timeout=0)) is not None:
+            if track is not None:
+                container.mux(track.add(chunk[0], chunk[1], t0))
     container.mux(stream.encode(None))
+    if track is not None:
+        container.mux(track.flush())
 
 
-def egress(spec: dict, buffer: JitterBuffer[Item], report: BinaryIO) -> None:
+def egress(
+    spec: dict, buffers: tuple[JitterBuffer[Item], JitterBuffer[Item]], report: BinaryIO
+) -> None:
     label = spec["label"]
     backoff = Backoff(*spec["backoff"])
+    buffer = buffers[0]
     drops = Drops(buffer, report)
     while not buffer.closed:
         drops.update()
@@ -123,12 +149,12 @@ def egress(spec: dict, buffer: JitterBuffer[Item], report: BinaryIO) -> None:
         container = None
         live = False
         try:
-            container, stream = open_output(spec)
+            container, stream, track = open_output(spec)
             container.start_encoding()  # connects now instead of at the first mux
             live = True
             backoff.reset()
             wire.write_text(report, wire.STATE, wire.LIVE, "live")
-            send(container, stream, buffer, spec["fps"], drops)
+            send(container, stream, track, buffers, spec["fps"], drops)
         except (av.error.FFmpegError, OSError) as exc:
             what = "lost" if live else "cannot connect"
             code = wire.LOST if live else wire.CONNECTING
@@ -154,10 +180,13 @@ def main() -> None:
         bridge = start_srt_bridge(spec["srt"], port, inbound=False)
         spec["url"] = f"udp://127.0.0.1:{port}?pkt_size=1316"
         portable.exit_on_sigterm()  # so the bridge is stopped on the way out
-    buffer: JitterBuffer[Item] = JitterBuffer(spec["jitter_frames"])
-    threading.Thread(target=read_frames, args=(inp, buffer), daemon=True).start()
+    buffers: tuple[JitterBuffer[Item], JitterBuffer[Item]] = (
+        JitterBuffer(spec["jitter_frames"]),
+        JitterBuffer(AUDIO_QUEUE),
+    )
+    threading.Thread(target=read_frames, args=(inp, *buffers), daemon=True).start()
     try:
-        egress(spec, buffer, out)
+        egress(spec, buffers, out)
     except BrokenPipeError:
         pass
     finally:

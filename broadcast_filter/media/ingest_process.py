@@ -7,6 +7,13 @@ listener (a publisher that comes back must find someone listening), after an exp
 backoff for a pull. Probing is :data:`~broadcast_filter.media.sources.LIVE_PROBE`; the open
 timeout is longer than the probe (a shorter one kills the probe and resets the publisher's
 connection). End of stdin means the daemon is gone: the process stops its bridge and exits.
+
+Frames are stamped with the time their timestamps say they were captured, on this machine's
+monotonic clock (:class:`~broadcast_filter.media.audio.MediaClock`). The first audio stream,
+when there is one, is decoded too and sent as 48 kHz stereo float32
+(:mod:`~broadcast_filter.media.audio`), stamped on the same clock, so audio and video
+captured at one instant carry one time. Audio that cannot be decoded is skipped and said on
+the audio state; the video goes on.
 """
 
 from __future__ import annotations
@@ -22,32 +29,85 @@ import av.error
 
 from broadcast_filter.backoff import Backoff
 from broadcast_filter.media import portable, wire
+from broadcast_filter.media.audio import AudioConverter, MediaClock, describe
 from broadcast_filter.media.sources import LIVE_PROBE
 from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
 
 
 class Reporter:
-    """Writes frames and state changes to the parent, in order."""
+    """Writes frames, audio and state changes to the parent, in order."""
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
         self.index = 0
         self._last: tuple[int, str] | None = None
+        self.clock = MediaClock()
+        self._audio = AudioConverter()
 
     def state(self, code: int, text: str) -> None:
         if (code, text) != self._last:
             self._last = (code, text)
             wire.write_text(self.out, wire.STATE, code, text, time.monotonic())
 
+    def audio_state(self, text: str) -> None:
+        wire.write_text(self.out, wire.STATE, wire.AUDIO_STATE, text, time.monotonic())
+
     def frame(self, frame: av.VideoFrame) -> None:
         image = frame.to_ndarray(format="rgb24")
-        wire.write_frame(self.out, image, time.monotonic(), self.index)
+        captured_at = self.clock.video(frame.time, time.monotonic())
+        wire.write_frame(self.out, image, captured_at, self.index)
         self.index += 1
+
+    def audio(self, frame: av.AudioFrame) -> None:
+        samples = self._audio.convert(frame)
+        if len(samples):
+            wire.write_audio(self.out, samples, self.clock.at(frame.time, time.monotonic()))
+
+    def new_connection(self) -> None:
+        """Timestamps start again: a new media clock, a resampler without leftovers."""
+        self.clock = MediaClock()
+        self._audio = AudioConverter()
 
 
 def reason(exc: BaseException) -> str:
     """The error without the URL (which may hold a stream key)."""
     return getattr(exc, "strerror", None) or type(exc).__name__
+
+
+class NoVideo(Exception):
+    """The stream opened but has no video to filter."""
+
+
+class AudioDecoder:
+    """Decodes the stream's audio packets to the parent. A bad packet is skipped (the line
+    fills the hole with silence) and counted on the audio state; a stream that yields nothing
+    but errors (:data:`GIVE_UP_AFTER` in a row: unsupported, garbage) is dropped, said once,
+    and the video goes on."""
+
+    GIVE_UP_AFTER = 50
+
+    def __init__(self, stream: av.AudioStream | None, report: Reporter) -> None:
+        self.stream, self.report = stream, report
+        self.name = describe(stream.codec_context if stream else None)
+        self.bad = self._failing = 0
+        report.audio_state(self.name)
+
+    def decode(self, packet: av.Packet) -> None:
+        if self.stream is None:
+            return
+        try:
+            for frame in self.stream.codec_context.decode(packet):
+                self.report.audio(frame)
+        except (av.error.FFmpegError, ValueError) as exc:
+            self.bad += 1
+            self._failing += 1
+            if self._failing >= self.GIVE_UP_AFTER:
+                self.stream = None
+                self.report.audio_state(f"{self.name} undecodable ({reason(exc)}): dropped")
+            elif self.bad & (self.bad - 1) == 0:  # 1, 2, 4, 8 ...: say it, never flood
+                self.report.audio_state(f"{self.name}, {self.bad} bad packets skipped")
+        else:
+            self._failing = 0
 
 
 def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None = None) -> None:
@@ -81,12 +141,22 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
                 time.sleep(delay)
             continue  # a listener that heard nothing yet just keeps waiting
         live, why = False, "end of stream"
+        report.new_connection()
         try:
+            if not container.streams.video:
+                kinds = "audio only" if container.streams.audio else "no streams"
+                raise NoVideo(f"{label} has no video stream ({kinds})")
             stream = container.streams.video[0]
             stream.codec_context.thread_type = "SLICE"  # frame threads add a frame of delay each
             decoder = stream.codec_context
+            audio = container.streams.audio[0] if container.streams.audio else None
+            sound = AudioDecoder(audio, report)
+            streams = [stream] if audio is None else [stream, audio]
             try:
-                for packet in container.demux(stream):
+                for packet in container.demux(*streams):
+                    if packet.stream is not stream:
+                        sound.decode(packet)
+                        continue
                     for frame in decoder.decode(packet):
                         if not live:
                             live = True
@@ -97,8 +167,10 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
                 why = reason(exc)
                 for frame in decoder.decode(None):  # so its last frame is not lost
                     report.frame(frame)
-        except (av.error.FFmpegError, IndexError) as exc:
-            why = "no video stream" if isinstance(exc, IndexError) else reason(exc)
+        except NoVideo as exc:
+            why = str(exc)
+        except av.error.FFmpegError as exc:
+            why = reason(exc)
         finally:
             container.close()
         code = wire.LOST if live else wire.CONNECTING

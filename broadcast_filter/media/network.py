@@ -47,14 +47,17 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from broadcast_filter.media import wire
+from broadcast_filter.media.audio import AUDIO_BITRATE, AudioChunk
 from broadcast_filter.media.base import (
     Frame,
     Sink,
     Source,
     SourceLost,
+    audio_track,
     register_sink,
     register_source,
 )
+from broadcast_filter.media.egress_process import AUDIO_QUEUE
 from broadcast_filter.media.jitter import JITTER_FRAMES, JitterBuffer
 from broadcast_filter.media.srt_bridge import require_srt_tools
 from broadcast_filter.media.supervisor import Supervisor
@@ -108,7 +111,10 @@ class NetworkSource(Source):
     keeps re-opening in the background, so calling ``frames()`` again picks up the returning
     publisher. ``state`` says what is happening ("waiting for publisher", "live",
     "lost (...), retrying in 2s") and how many frames were dropped. Frames keep the native
-    size of the stream; ``captured_at`` is when the ingest process decoded them.
+    size of the stream; ``captured_at`` is the time the stream's timestamps say they were
+    captured, anchored on the earliest-arriving frame
+    (:class:`~broadcast_filter.media.audio.MediaClock`), and audio
+    chunks carry the same clock.
 
     What it promises: every frame the ingest process decodes is counted in ``received`` and
     handed to ``frames()`` in order, through a :class:`JitterBuffer` of ``jitter_frames``:
@@ -124,6 +130,7 @@ class NetworkSource(Source):
 
     #: FFmpeg demuxer for the stream
     container_format: ClassVar[str]
+    carries_audio = True
 
     def __init__(
         self,
@@ -195,6 +202,11 @@ class NetworkSource(Source):
             assert isinstance(message.payload, np.ndarray)
             self.received += 1
             self._buffer.put(Frame(message.payload, message.t, message.n))
+        elif message.kind == wire.AUDIO:
+            assert isinstance(message.payload, np.ndarray)
+            self._emit_audio(AudioChunk(message.payload, message.t))
+        elif message.kind == wire.STATE and message.a == wire.AUDIO_STATE:
+            self.audio_state = message.text
         elif message.kind == wire.STATE:
             self._state = message.text
             if message.a == wire.LIVE:
@@ -283,10 +295,13 @@ class NetworkSink(Sink):
         preset: str = "ultrafast",
         backoff: tuple[float, float] = (0.5, 4.0),
         jitter_frames: int = JITTER_FRAMES,
+        audio: str = "aac",
+        audio_bitrate: int = AUDIO_BITRATE,
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         self.url = url
         self.label = mask_url(url)
+        self.audio = audio_track(audio, self.label)
         spec = self._egress_spec(url) | {
             "format": self.container_format,
             "label": self.label,
@@ -298,8 +313,11 @@ class NetworkSink(Sink):
             "preset": preset,
             "backoff": list(backoff),
             "jitter_frames": jitter_frames,
+            "audio": self.audio,
+            "audio_bitrate": int(audio_bitrate),
         }
         self._buffer: JitterBuffer[tuple[np.ndarray, float]] = JitterBuffer(jitter_frames)
+        self._audio: JitterBuffer[tuple[np.ndarray, float]] = JitterBuffer(AUDIO_QUEUE)
         self._state = "connecting"
         self._child_dropped = 0
         self._dropped_before = 0  # by egress processes that have exited
@@ -331,8 +349,12 @@ class NetworkSink(Sink):
         self.check(image)
         self._buffer.put((image.copy(), time.monotonic()))
 
+    def send_audio(self, samples: np.ndarray, at: float) -> None:
+        self._audio.put((samples, at))
+
     def _feed(self, stdin: BinaryIO, alive: Callable[[], bool]) -> bool:
-        """Write frames to one egress process: True once closed and drained, False if it died."""
+        """Write frames (and the audio that came with them) to one egress process: True once
+        closed and drained, False if it died."""
         try:
             while alive():
                 item = self._buffer.take(timeout=0.5)
@@ -340,6 +362,8 @@ class NetworkSink(Sink):
                     return True
                 if item is not None:
                     wire.write_frame(stdin, item[0], item[1], 0)
+                while (chunk := self._audio.take(timeout=0)) is not None:
+                    wire.write_audio(stdin, *chunk)
         except (OSError, ValueError):
             pass
         return False

@@ -3,7 +3,8 @@
 Every message is a fixed header (:data:`HEADER`: kind, a, b, time, n) then a payload:
 
 * a frame: ``(FRAME, height, width, captured_at, index)`` + ``height * width * 3`` RGB bytes;
-* a state: ``(STATE, code, len(text), time, 0)`` + UTF-8 text (``code``: CONNECTING, LIVE, LOST);
+* a state: ``(STATE, code, len(text), time, 0)`` + UTF-8 text (``code``: CONNECTING, LIVE,
+  LOST; or AUDIO_STATE: what the source's audio is, ``"aac 48k stereo"`` or ``"none"``);
 * the settings: ``(SPEC, 0, len, 0, 0)`` + JSON, sent once on stdin (never on argv, where
   ``ps`` would show stream keys);
 * a drop count: ``(DROPS, count, 0, 0, 0)``, no payload (frames the process had to drop);
@@ -25,7 +26,7 @@ HEADER = struct.Struct("<IIIdQ")
 FRAME, STATE, SPEC, DROPS, AUDIO = 1, 2, 3, 4, 5
 
 #: state codes an I/O process reports
-CONNECTING, LIVE, LOST = 0, 1, 2
+CONNECTING, LIVE, LOST, AUDIO_STATE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)

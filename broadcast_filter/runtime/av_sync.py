@@ -2,9 +2,9 @@
 
 The output thread knows, for every fresh picture it sends, how long ago the frame it shows
 was captured (model time plus pacing). :class:`DelayTracker` turns those latencies into one
-*lasting* delay: the median of the last few, changed only when it moves by more than the
-tolerance (one frame interval, at most 30 ms), so the audio is not pulled about by the
-jitter of single frames.
+*lasting* delay: the middle of the recent ones' spread (it follows them freely while the
+first window fills), changed only when it moves by more than the tolerance (one frame
+interval, at most 30 ms), so the audio is not pulled about by the jitter of single frames.
 
 :class:`AudioLine` holds the source's audio on its capture clock and emits it on a
 continuous output timeline: output sample ``j`` goes on air at wall time ``j / RATE``
@@ -21,7 +21,6 @@ its ``at`` time, so this adds no offset.
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 from collections import deque
 
@@ -37,24 +36,41 @@ MAX_PULL_S = 2.0
 
 
 class DelayTracker:
-    """The lasting video delay from per-frame latencies (see the module docstring)."""
+    """The lasting video delay from per-frame latencies (see the module docstring).
 
-    def __init__(self, fps: float, *, window: int = 9, max_tolerance: float = 0.03) -> None:
+    Frames do not all wait alike: each waits for the next output tick, so latencies spread
+    over a frame interval or more. The delay aims at the middle of the recent spread (its
+    second-lowest and second-highest, so one stray frame moves nothing) plus :data:`LATE_BIAS`:
+    broadcast tolerance allows audio 60 ms late but only 40 ms early, so the middle of that
+    window sits 10 ms late.
+    """
+
+    #: seconds the audio aims behind the middle of the video's latency spread
+    LATE_BIAS = 0.010
+
+    def __init__(self, fps: float, *, window: int = 15, max_tolerance: float = 0.03) -> None:
         self.tolerance = min(1.0 / fps, max_tolerance)
         self._recent: deque[float] = deque(maxlen=window)
         self.delay: float | None = None
-        #: how many times the lasting delay changed after the first
+        #: how many times the lasting delay changed after the first window
         self.changes = 0
+
+    def target(self) -> float:
+        """Where the delay should be, from the recent latencies."""
+        ordered = sorted(self._recent)
+        trim = 1 if len(ordered) >= 4 else 0
+        return (ordered[trim] + ordered[-1 - trim]) / 2 + self.LATE_BIAS
 
     def observe(self, latency: float) -> bool:
         """Take one fresh frame's latency; True when the lasting delay changed."""
         self._recent.append(latency)
-        median = statistics.median(self._recent)
-        if self.delay is None:
-            self.delay = median
-            return True
-        if abs(median - self.delay) > self.tolerance:
-            self.delay = median
+        target = self.target()
+        if self.delay is None or len(self._recent) < (self._recent.maxlen or 0):
+            changed = target != self.delay
+            self.delay = target  # settling: the first window follows the target freely
+            return changed
+        if abs(target - self.delay) > self.tolerance:
+            self.delay = target
             self.changes += 1
             return True
         return False

@@ -368,7 +368,6 @@ class Daemon:
                 self.request_stop(f"--frames {self.limits.frames}")
                 return
 
-
     def _send_audio(self, now: float) -> None:
         """The audio due on air by now (see :class:`AudioLine`) to every sink with audio."""
         if self.audio is not None and (due := self.audio.pull(now)) is not None:
