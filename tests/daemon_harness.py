@@ -21,7 +21,7 @@ import peers
 import yaml
 
 from broadcast_filter.control.config import load_config
-from broadcast_filter.media.base import Sink, register_sink
+from broadcast_filter.media.base import Sink, audio_track, register_sink
 from broadcast_filter.media.sources import read_counter
 from broadcast_filter.runtime.build import build_daemon, start_api, start_obs_bridge
 from broadcast_filter.runtime.daemon import Daemon
@@ -63,9 +63,17 @@ class RecordingSink(Sink):
     last: RecordingSink | None = None
 
     def __init__(
-        self, url: str, *, width: int, height: int, fps: float, reader: str = "none"
+        self,
+        url: str,
+        *,
+        width: int,
+        height: int,
+        fps: float,
+        reader: str = "none",
+        audio: str = "off",
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
+        self.audio = audio_track(audio, url)  # the sound itself is not recorded
         self.reader = READERS[reader]
         self.lock = threading.Lock()
         self.times: list[float] = []

@@ -260,3 +260,56 @@ def test_wrong_password_is_a_clear_error_and_filtering_goes_on(
     assert min(counts) >= MIN_PER_WINDOW
     text = "\n".join(lines.lines) + caplog.text + status
     assert secret not in text
+
+
+@pytest.mark.peers
+def test_obs_mic_is_held_back_by_the_daemons_video_delay_and_put_back_at_exit(
+    obs_peer, obs_client, model_cache, tmp_path
+):
+    """``obs.sync_audio`` with the whole daemon: the OBS input's sync offset is the daemon's
+    own lasting video delay (``Daemon.delay``), also after a preset change, the status line
+    shows it, and the user's offset is back after the daemon stops. (The tiny model at this
+    size hardly changes the delay between presets; test_obs_bridge.py moves it on purpose.)"""
+    mic = "BF Daemon Mic"  # a microphone as OBS has it on Linux (captures nothing here)
+    obs_client.create_input("Scene C", mic, "pulse_input_capture", {}, True)
+
+    def offset() -> int:
+        return obs_client.get_input_audio_sync_offset(mic).input_audio_sync_offset
+
+    def offset_is_the_delay(daemon: Any) -> int | None:
+        delay = daemon.delay.delay
+        ms = offset()
+        return ms if delay is not None and ms == round(1000 * delay) else None
+
+    try:
+        obs_client.set_input_audio_sync_offset(mic, 12)  # the user's own offset
+        config = write_config(tmp_path, source="testsrc", sinks=[RECORD_COUNTERS], size=SIZE,
+                              fps=FPS, start="warm", cache_dir=model_cache,
+                              obs=mapping(obs_peer, sync_audio=[mic]))  # fmt: skip
+        with running(config) as (daemon, bridge, lines):
+            wait_for("the bridge to connect", lambda: bridge.state == "connected", 20)
+            styled = wait_for("the offset to be the daemon's delay",
+                              lambda: offset_is_the_delay(daemon), 20)  # fmt: skip
+            wait_for("the status line to show it",
+                     lambda: f"obs connected, {mic} sync {styled:+d} ms"
+                     in daemon.status_text(time.monotonic()), 5)  # fmt: skip
+            print(f"\nstyled: {daemon.status_text(time.monotonic())}")
+            changes = daemon.delay.changes
+            daemon.controller.apply_preset("passthrough")
+            time.sleep(2.0)  # the tracker settles on passthrough's latency
+            plain = wait_for("the offset to follow the delay",
+                             lambda: offset_is_the_delay(daemon), 10)  # fmt: skip
+            wait_for("the status line to show it",
+                     lambda: f"obs connected, {mic} sync {plain:+d} ms"
+                     in daemon.status_text(time.monotonic()), 5)  # fmt: skip
+            moved = daemon.delay.changes - changes
+            print(f"passthrough: {daemon.status_text(time.monotonic())} "
+                  f"(the lasting delay changed {moved} times)")  # fmt: skip
+        assert offset() == 12
+        logged = [line for line in lines.lines if f"'{mic}'" in line]
+        print("\n".join(logged))
+        assert logged[0] == (f"obs: OBS input '{mic}': audio sync offset {styled:+d} ms "
+                             "(the video delay; +12 ms is put back at exit)")  # fmt: skip
+        assert logged[-1] == f"obs: OBS input '{mic}': audio sync offset put back to +12 ms"
+    finally:
+        obs_client.remove_input(mic)

@@ -8,6 +8,7 @@ daemon. Latencies are printed (``pytest -s -k latency``), never asserted.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import threading
@@ -18,8 +19,16 @@ import obsws_python
 import pytest
 import yaml
 
+from broadcast_filter.control import obs_bridge
 from broadcast_filter.control.config import ConfigError, load_config
-from broadcast_filter.control.obs_bridge import Call, ObsBridge, format_status, parse_custom_event
+from broadcast_filter.control.obs_bridge import (
+    Call,
+    ObsBridge,
+    format_status,
+    format_sync,
+    parse_custom_event,
+    sync_ms,
+)
 from broadcast_filter.control.obs_cli import add_obs_parser
 from broadcast_filter.control.obs_settings import ObsSettings
 
@@ -146,6 +155,7 @@ def test_settings_read_every_field(monkeypatch: pytest.MonkeyPatch, tmp_path) ->
             "warm_preview": False,
             "output_url": "srt://127.0.0.1:9000?mode=caller",
             "output_format": "",
+            "sync_audio": ["Mic/Aux", "Desktop Audio"],
         },
         tmp_path,
     )
@@ -153,6 +163,8 @@ def test_settings_read_every_field(monkeypatch: pytest.MonkeyPatch, tmp_path) ->
     assert (settings.host, settings.port, settings.status_source) == ("10.0.0.2", 4460, None)
     assert settings.item_presets["Bypass key"] == "bypass"
     assert settings.status_interval_s == 2.0 and settings.warm_preview is False
+    assert settings.sync_audio == ("Mic/Aux", "Desktop Audio")
+    assert ObsSettings().sync_audio == ()
     assert "BF_OBS_PW" in settings.password_setting
     assert SECRET not in repr(settings)
 
@@ -169,6 +181,9 @@ def test_settings_read_every_field(monkeypatch: pytest.MonkeyPatch, tmp_path) ->
         ({"password": SECRET, "password_env": "X"}, "obs.password: give either"),
         ({"password_env": "BF_UNSET_VAR"}, "obs.password_env: environment variable BF_UNSET_VAR"),
         ({"password": [SECRET]}, "obs.password: expected text, got (hidden)"),
+        ({"sync_audio": "Mic/Aux"}, "obs.sync_audio: expected a list of OBS input names"),
+        ({"sync_audio": ["Mic/Aux", ""]}, "obs.sync_audio: expected a list of OBS input names"),
+        ({"sync_audio": ["Mic", "Mic"]}, "obs.sync_audio: expected each OBS input name once"),
     ],
 )
 def test_settings_errors_name_the_line_and_field(mapping: dict, expected: str, tmp_path) -> None:
@@ -220,6 +235,16 @@ def test_status_text_shows_preset_bypass_rate_and_latency() -> None:
     assert format_status(status) == "warm | 29.9 fps | 142 ms"
     assert format_status({"preset": "warm", "bypass": True}) == "BYPASS (warm)"
     assert format_status({}) == "-"
+
+
+def test_sync_offset_and_its_status_text() -> None:
+    assert sync_ms(0.4204) == 420 and sync_ms(0.0) == 0
+    assert sync_ms(25.0) == 20000 and sync_ms(-2.0) == -950  # obs-websocket's bounds
+    assert format_sync({"Mic/Aux": 420}, {}) == "Mic/Aux sync +420 ms"
+    assert (
+        format_sync({"Mic/Aux": 420, "Desk": 420, "Aux 2": 0}, {"Mic 2": "missing"})
+        == "Mic/Aux, Desk sync +420 ms, Aux 2 sync +0 ms, 'Mic 2' missing"
+    )
 
 
 def test_start_returns_at_once_and_retries_when_obs_is_absent(
@@ -535,3 +560,138 @@ def test_obs_setup_is_idempotent_and_status_reports_what_is_there(
     assert moved["input"] == "udp://127.0.0.1:23998" and moved["buffering_mb"] == 0
     code, out, _ = run_cli(capsys, "obs", "setup", *cli)
     assert "nothing to do" in out
+
+
+MIC, MIC_2 = "BF Mic", "BF Mic 2"  # OBS may hold a removed input's name a while
+
+
+def sync_offset(req: Any, name: str = MIC) -> int:
+    return req.get_input_audio_sync_offset(name).input_audio_sync_offset
+
+
+def saved_sync_ms(obs_peer: Any, name: str) -> int:
+    """The sync offset OBS saved for input ``name`` in its scene collection file."""
+    path = obs_peer.home / ".config/obs-studio/basic/scenes/CI.json"
+    sources = json.loads(path.read_text())["sources"]
+    return next(s.get("sync", 0) for s in sources if s["name"] == name) // 1_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_sync_audio_follows_the_lasting_video_delay_and_is_put_back_at_stop(
+    obs_peer: Any,
+    obs_client: Any,
+    obs_mapping: dict,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OBS is real (offsets are read back from it; it closes and comes back mid-run). The
+    delay is the daemon's own number (``Daemon.delay.delay``), so a callable the test sets
+    stands in for it; tests/test_daemon_obs.py runs the same with the whole daemon."""
+    import obsws_python
+
+    monkeypatch.setattr(obs_bridge, "SYNC_RETRY_S", 0.3)  # retry unusable inputs often
+    caplog.set_level(logging.INFO, logger=obs_bridge.__name__)
+    obs_client.set_current_program_scene("Scene A")
+    # a microphone as OBS has it on Linux (no sound server here: it captures nothing)
+    obs_client.create_input("Scene C", MIC, "pulse_input_capture", {}, True)
+    req = obs_client
+    try:
+        req.set_input_audio_sync_offset(MIC, 37)  # the user's own offset, before the daemon
+        delay: list[float | None] = [None]
+        names = [MIC, "No Such Mic", "BF Status"]  # BF Status is a text source: no audio
+        settings = obs_settings(obs_mapping | {"sync_audio": names}, tmp_path)
+        bridge = ObsBridge(settings, RecordingCommands(), delay=lambda: delay[0]).start()
+        try:
+            wait_until(lambda: bridge.state == "connected", 10, "the bridge to connect")
+            time.sleep(0.6)  # no frame went out yet: nothing is set
+            assert sync_offset(req) == 37 and bridge.text == "connected"
+
+            delay[0] = 0.4204
+            wait_until(lambda: sync_offset(req) == 420, 5, "offset +420 ms")
+            wanted = "connected, BF Mic sync +420 ms, 'No Such Mic' missing, 'BF Status' no audio"
+            wait_until(lambda: bridge.text == wanted, 5, f"state text {wanted!r}")
+            delay[0] = 0.4196  # the same whole ms: not set again
+            time.sleep(0.6)
+            delay[0] = 0.18
+            wait_until(lambda: sync_offset(req) == 180, 5, "offset +180 ms")
+            wait_until(lambda: "BF Mic sync +180 ms" in bridge.text, 5, "state text +180 ms")
+
+            # OBS closes cleanly, saving +180 ms as the mic's offset, and comes back: that
+            # value is the daemon's, not the user's, and must not be taken as the original
+            req.disconnect()
+            assert obs_peer.close()
+            wait_until(lambda: bridge.state != "connected", 5, "the bridge to let go")
+            assert saved_sync_ms(obs_peer, MIC) == 180  # what OBS comes back with
+            delay[0] = 0.25  # moved while OBS was away
+            obs_peer.launch()
+            obs_peer.wait_ready()
+            req = obsws_python.ReqClient(**obs_peer.connection(), timeout=5)
+            wait_until(lambda: sync_offset(req) == 250, 10, "offset +250 ms after reconnect")
+            wait_until(lambda: "BF Mic sync +250 ms" in bridge.text, 5, "state text +250 ms")
+        finally:
+            bridge.stop()
+        assert sync_offset(req) == 37  # the user's offset is back
+        assert bridge.text == "stopped"
+    finally:
+        req.remove_input(MIC)
+        if req is not obs_client:
+            req.disconnect()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    missing = [m for m in warnings if "No Such Mic" in m]
+    assert len(missing) == 1, missing  # said once, though retried many times
+    assert "OBS has no input named 'No Such Mic'" in missing[0] and MIC in missing[0]
+    assert [m for m in warnings if "'BF Status' has" in m] == [
+        "obs.sync_audio: OBS input 'BF Status' has no audio; left alone, tried again every 0.3 s"
+    ]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    sets = [m for m in infos if m.startswith(f"OBS input '{MIC}'")]
+    print("\n".join(sets))
+    assert sets[0] == (
+        f"OBS input '{MIC}': audio sync offset +420 ms (the video delay; +37 ms is put back "
+        "at exit)"
+    )
+    assert sets[1] == (
+        f"OBS input '{MIC}': audio sync offset +180 ms (was +420 ms: the video delay changed)"
+    )
+    assert sets[2] == (  # after the reconnect: the original is still the user's +37 ms
+        f"OBS input '{MIC}': audio sync offset +250 ms (the video delay; +37 ms is put back "
+        "at exit)"
+    )
+    assert sets[3:] == [f"OBS input '{MIC}': audio sync offset put back to +37 ms"]
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_sync_audio_stopped_while_obs_is_down_says_what_to_put_back(
+    obs_peer: Any,
+    obs_client: Any,
+    obs_mapping: dict,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The delay callable stands in for the daemon's number, as above; OBS is real."""
+    import obsws_python
+
+    obs_client.create_input("Scene C", MIC_2, "pulse_input_capture", {}, True)
+    obs_client.set_input_audio_sync_offset(MIC_2, -20)
+    settings = obs_settings(obs_mapping | {"sync_audio": [MIC_2]}, tmp_path)
+    bridge = ObsBridge(settings, RecordingCommands(), delay=lambda: 0.3).start()
+    try:
+        wait_until(lambda: sync_offset(obs_client, MIC_2) == 300, 10, "offset +300 ms")
+        obs_client.disconnect()
+        obs_peer.kill()
+        wait_until(lambda: bridge.state == "disconnected", 5, "state disconnected")
+    finally:
+        bridge.stop()
+        obs_peer.launch()
+        obs_peer.wait_ready()
+        req = obsws_python.ReqClient(**obs_peer.connection(), timeout=5)
+        if MIC_2 in [i["inputName"] for i in req.get_input_list().inputs]:
+            req.remove_input(MIC_2)
+        req.disconnect()
+    assert (
+        f"could not restore the sync offset of OBS input '{MIC_2}' to -20 ms: OBS is not "
+        "connected; set it back in OBS (Edit > Advanced Audio Properties)"
+    ) in caplog.text

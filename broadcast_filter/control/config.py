@@ -438,6 +438,15 @@ def _names(v: Any) -> dict[str, str]:
     return dict(v)
 
 
+def _input_names(v: Any) -> tuple[str, ...]:
+    ok = isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+    if not ok:
+        raise ValueError("expected a list of OBS input names")
+    if len(set(v)) != len(v):
+        raise ValueError("expected each OBS input name once")
+    return tuple(v)
+
+
 def _obs_cross(values: dict[str, Any]) -> list[tuple[str, str]]:
     problems = []
     if "password" in values and "password_env" in values:
@@ -458,7 +467,7 @@ OBS = schema_of(
     ObsSettings,
     build=_obs_build,
     cross=_obs_cross,
-    checks={"scene_presets": _names, "item_presets": _names},
+    checks={"scene_presets": _names, "item_presets": _names, "sync_audio": _input_names},
 )
 
 

@@ -3,8 +3,11 @@
 The bridge turns OBS events into :class:`~broadcast_filter.control.commands.Commands` calls:
 program scene -> preset, a shown scene item in the controls scene -> preset or bypass
 (OBS's own "Show '<item>'" hotkeys), ``CustomEvent`` payloads -> commands; and it writes the
-daemon's status into a text source. It runs in its own thread, reconnects with backoff and
-never blocks the caller: the video path only ever reads :attr:`ObsBridge.state`.
+daemon's status into a text source. With ``sync_audio``, it holds OBS's audio inputs (the
+microphone) back by the daemon's lasting video delay, so they stay in sync with the filtered
+picture arriving through a virtual camera or NDI, and puts the offsets back when it stops.
+It runs in its own thread, reconnects with backoff and never blocks the caller: the video
+path only ever reads :attr:`ObsBridge.state` (or :attr:`ObsBridge.text`).
 
 obsws-python 1.8 quirks handled here: an exception in its reader thread (including its own
 conversion of odd ``CustomEvent`` keys such as ``__slots__``) or a dead socket ends that
@@ -19,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +45,14 @@ CONNECT_TIMEOUT_S = 3.0
 RETRY_FIRST_S = 0.25
 AUTH_RETRY_S = 30.0
 POLL_S = 0.2
+#: obs-websocket's bounds on ``inputAudioSyncOffset`` (ms)
+SYNC_MIN_MS, SYNC_MAX_MS = -950, 20000
+#: how often an unusable ``sync_audio`` input (missing, no audio) is tried again
+SYNC_RETRY_S = 5.0
+#: obs-websocket status codes for an input that is missing or has no audio
+NO_SOURCE, NO_AUDIO = 600, 604
+#: put in the inbox by stop(): wakes the bridge at once (it restores offsets before leaving)
+WAKE = "_BridgeStopping"
 
 
 class ObsAuthError(RuntimeError):
@@ -120,6 +131,22 @@ def parse_custom_event(data: Mapping[str, Any]) -> list[Call] | None:
     return calls
 
 
+def sync_ms(delay: float) -> int:
+    """The audio sync offset (ms, within OBS's bounds) for a video delay in seconds."""
+    return max(SYNC_MIN_MS, min(SYNC_MAX_MS, round(delay * 1000)))
+
+
+def format_sync(offsets: Mapping[str, int], unusable: Mapping[str, str]) -> str:
+    """``Mic/Aux sync +420 ms``: the offsets set (inputs with the same one together) and why
+    others could not be set, e.g. ``Mic/Aux sync +420 ms, 'Mic 2' missing``."""
+    by_value: dict[int, list[str]] = {}
+    for name, ms in offsets.items():
+        by_value.setdefault(ms, []).append(name)
+    parts = [f"{', '.join(names)} sync {ms:+d} ms" for ms, names in by_value.items()]
+    parts += [f"{name!r} {why}" for name, why in unusable.items()]
+    return ", ".join(parts)
+
+
 def format_status(status: Mapping[str, Any]) -> str:
     """One line for the OBS status text source, e.g. ``warm | 29.8 fps | 140 ms``."""
     preset = str(status.get("preset") or "-")
@@ -155,11 +182,20 @@ class ObsBridge:
 
     ``state`` is one of ``stopped``, ``connecting``, ``connected``, ``disconnected`` (OBS
     unreachable, retrying with backoff) and ``auth failed`` (retrying every 30 s);
-    ``error`` says why in words."""
+    ``error`` says why in words; :attr:`text` adds the audio sync offsets set.
 
-    def __init__(self, settings: ObsSettings, commands: Commands) -> None:
+    ``delay`` returns the daemon's lasting video delay in seconds (``None`` before the first
+    frame went out); the inputs in ``settings.sync_audio`` get it as their sync offset."""
+
+    def __init__(
+        self,
+        settings: ObsSettings,
+        commands: Commands,
+        delay: Callable[[], float | None] | None = None,
+    ) -> None:
         self.settings = settings
         self.commands = commands
+        self.delay = delay
         self.state = "stopped"
         self.error: str | None = None
         self._stop = threading.Event()
@@ -169,6 +205,20 @@ class ObsBridge:
         self._events: obsws_python.EventClient | None = None
         self._status_text: str | None = None
         self._status_ok = True
+        #: sync offsets found before the first set, kept across reconnects (restored at stop)
+        self._sync_original: dict[str, int] = {}
+        #: offsets set on this connection; inputs that could not be set: why, next retry time
+        self._sync_set: dict[str, int] = {}
+        self._sync_unusable: dict[str, tuple[str, float]] = {}
+        self._sync_told: set[str] = set()
+        self._sync_text = ""
+
+    @property
+    def text(self) -> str:
+        """The state for the status line, with the sync offsets set while connected, e.g.
+        ``connected, Mic/Aux sync +420 ms``."""
+        state, sync = self.state, self._sync_text
+        return f"{state}, {sync}" if sync and state == "connected" else state
 
     def start(self) -> ObsBridge:
         """Start the bridge thread and return at once, whether or not OBS is running."""
@@ -180,8 +230,10 @@ class ObsBridge:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Disconnect and end the thread (waits at most ``timeout`` seconds)."""
+        """Restore the audio sync offsets, disconnect and end the thread (waits at most
+        ``timeout`` seconds)."""
         self._stop.set()
+        self._inbox.put((WAKE, {}))
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -231,11 +283,19 @@ class ObsBridge:
             log.info("connected to OBS at %s:%s", self.settings.host, self.settings.port)
             try:
                 self._serve()
+                self._restore_sync()  # stopping, still connected
             except Exception as err:
                 self.error = f"lost the OBS connection ({type(err).__name__}: {err})"
                 log.warning("%s; reconnecting", self.error)
             finally:
                 self._disconnect()
+        for name, ms in self._sync_original.items():
+            log.warning(
+                "could not restore the sync offset of OBS input %r to %+d ms: OBS is not "
+                "connected; set it back in OBS (Edit > Advanced Audio Properties)",
+                name,
+                ms,
+            )
         self.state = "stopped"
 
     def _connect(self) -> None:
@@ -244,6 +304,7 @@ class ObsBridge:
         self._events = connect(self.settings, obsws_python.EventClient, subs=SUBSCRIPTIONS)
         self._events.callback = _Inbox(self._inbox)
         self._status_text, self._status_ok = None, True
+        self._sync_set, self._sync_unusable, self._sync_text = {}, {}, ""
         scene = self._req.get_current_program_scene().current_program_scene_name
         self._on_program_scene(scene)
         if self.settings.warm_preview and self._req.get_studio_mode_enabled().studio_mode_enabled:
@@ -285,6 +346,7 @@ class ObsBridge:
                         next_status = min(next_status, time.monotonic() + 0.1)
                 except OBSSDKRequestError as err:  # OBS said no; the connection is fine
                     log.warning("handling %s: %s", event_type, err)
+            self._sync_audio()
             if time.monotonic() >= next_status:
                 self._update_status()
                 next_status = time.monotonic() + self.settings.status_interval_s
@@ -364,3 +426,70 @@ class ObsBridge:
                 source,
                 err,
             )
+
+    def _sync_audio(self) -> None:
+        """Set each ``sync_audio`` input's offset to the lasting video delay, when it differs
+        from what was set; the first time, remember the offset the input had."""
+        assert self._req is not None
+        delay = self.delay() if self.settings.sync_audio and self.delay is not None else None
+        if delay is None:
+            return
+        target, now, changed = sync_ms(delay), time.monotonic(), False
+        for name in self.settings.sync_audio:
+            retry = self._sync_unusable.get(name, ("", 0.0))[1]
+            if self._sync_set.get(name) == target or retry > now:
+                continue
+            try:
+                if name not in self._sync_original:
+                    got = self._req.get_input_audio_sync_offset(name)
+                    self._sync_original[name] = got.input_audio_sync_offset
+                self._req.set_input_audio_sync_offset(name, target)
+            except OBSSDKRequestError as err:
+                why = {NO_SOURCE: "missing", NO_AUDIO: "no audio"}.get(err.code, "refused")
+                changed = changed or self._sync_unusable.get(name, ("",))[0] != why
+                self._sync_unusable[name] = (why, now + SYNC_RETRY_S)
+                self._sync_set.pop(name, None)
+                self._tell_unusable(name, err)
+                continue
+            if name in self._sync_set:
+                why = f"was {self._sync_set[name]:+d} ms: the video delay changed"
+            else:
+                why = f"the video delay; {self._sync_original[name]:+d} ms is put back at exit"
+            log.info("OBS input %r: audio sync offset %+d ms (%s)", name, target, why)
+            self._sync_set[name] = target
+            self._sync_unusable.pop(name, None)
+            changed = True
+        if changed:
+            unusable = {name: why for name, (why, _) in self._sync_unusable.items()}
+            self._sync_text = format_sync(self._sync_set, unusable)
+
+    def _tell_unusable(self, name: str, err: OBSSDKRequestError) -> None:
+        """Say once why a ``sync_audio`` input cannot be set (it is tried again later)."""
+        if name in self._sync_told:
+            return
+        self._sync_told.add(name)
+        assert self._req is not None
+        if err.code == NO_SOURCE:
+            try:
+                names = [i["inputName"] for i in self._req.get_input_list().inputs]
+            except OBSSDKRequestError:
+                names = []
+            why = f"OBS has no input named {name!r} (its inputs: {', '.join(names) or 'none'})"
+        elif err.code == NO_AUDIO:
+            why = f"OBS input {name!r} has no audio"
+        else:
+            why = f"OBS refused to set the sync offset of {name!r} ({err})"
+        log.warning("obs.sync_audio: %s; left alone, tried again every %g s", why, SYNC_RETRY_S)
+
+    def _restore_sync(self) -> None:
+        """Put back the sync offsets the inputs had before the bridge first set them."""
+        assert self._req is not None
+        for name, ms in list(self._sync_original.items()):
+            try:
+                self._req.set_input_audio_sync_offset(name, ms)
+            except OBSSDKRequestError as err:
+                log.warning("could not restore the sync offset of %r to %+d ms: %s", name, ms, err)
+            else:
+                log.info("OBS input %r: audio sync offset put back to %+d ms", name, ms)
+            del self._sync_original[name]
+        self._sync_set, self._sync_text = {}, ""

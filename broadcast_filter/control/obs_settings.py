@@ -32,6 +32,9 @@ class ObsSettings:
     output_url: str = setting("udp://127.0.0.1:23000")
     output_format: str = setting("mpegts", empty=True)
     reconnect_max_s: float = setting(5.0, lo=0, open_lo=True)
+    sync_audio: tuple[str, ...] = setting(
+        (), help="OBS audio inputs whose sync offset follows the daemon's video delay"
+    )
 
     @property
     def password_setting(self) -> str:

@@ -218,11 +218,14 @@ def start_api(config: DaemonConfig, daemon: Daemon) -> ApiServer | None:
 
 def start_obs_bridge(config: DaemonConfig, daemon: Daemon) -> ObsBridge | None:
     """With an ``obs:`` section, start the OBS bridge on the daemon's controller, show its
-    state on the status line (``obs connected``) and stop it when the daemon stops."""
+    state on the status line (``obs connected``, ``obs connected, Mic/Aux sync +420 ms``)
+    and stop it when the daemon stops. Its ``sync_audio`` inputs follow the daemon's
+    lasting video delay."""
     if config.obs is None:
         return None
-    bridge = ObsBridge(config.obs, daemon.controller)
-    daemon.status_fields["obs"] = lambda: bridge.state
+    bridge = ObsBridge(config.obs, daemon.controller, delay=lambda: daemon.delay.delay)
+    daemon.status_fields["obs"] = lambda: bridge.text
+    stop_s = 2.0 if config.obs.sync_audio else 0.5  # time to put the offsets back first
     handler = LogLines(daemon.status.log, "obs: ")
     logger = logging.getLogger(obs_bridge.__name__)
     logger.addHandler(handler)
@@ -230,7 +233,7 @@ def start_obs_bridge(config: DaemonConfig, daemon: Daemon) -> ObsBridge | None:
         logger.setLevel(logging.INFO)
 
     def stop() -> None:
-        bridge.stop(timeout=0.5)
+        bridge.stop(timeout=stop_s)
         logger.removeHandler(handler)
 
     daemon.on_stop.append(stop)
