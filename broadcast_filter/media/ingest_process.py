@@ -41,8 +41,7 @@ class Reporter:
         self.out = out
         self.index = 0
         self._last: tuple[int, str] | None = None
-        self.clock = MediaClock()
-        self._audio = AudioConverter()
+        self.new_connection()
 
     def state(self, code: int, text: str) -> None:
         if (code, text) != self._last:
@@ -58,15 +57,20 @@ class Reporter:
         wire.write_frame(self.out, image, captured_at, self.index)
         self.index += 1
 
-    def audio(self, frame: av.AudioFrame) -> None:
+    def audio(self, frame: av.AudioFrame, media_time: float | None) -> None:
+        """Send a decoded audio frame; without a timestamp it follows the previous one."""
+        start = media_time if media_time is not None else self._audio_next
+        if start is not None and frame.sample_rate:
+            self._audio_next = start + frame.samples / frame.sample_rate
         samples = self._audio.convert(frame)
         if len(samples):
-            wire.write_audio(self.out, samples, self.clock.at(frame.time, time.monotonic()))
+            wire.write_audio(self.out, samples, self.clock.at(start, time.monotonic()))
 
     def new_connection(self) -> None:
         """Timestamps start again: a new media clock, a resampler without leftovers."""
         self.clock = MediaClock()
         self._audio = AudioConverter()
+        self._audio_next: float | None = None
 
 
 def reason(exc: BaseException) -> str:
@@ -82,12 +86,17 @@ class AudioDecoder:
     """Decodes the stream's audio packets to the parent. A bad packet is skipped (the line
     fills the hole with silence) and counted on the audio state; a stream that yields nothing
     but errors (:data:`GIVE_UP_AFTER` in a row: unsupported, garbage) is dropped, said once,
-    and the video goes on."""
+    and the video goes on. ``split``: the demuxer's parser is off (``+noparse``), so one
+    packet is a whole PES packet, which holds several audio frames: the codec's parser
+    splits it, and the frames after the first follow on from it."""
 
     GIVE_UP_AFTER = 50
 
-    def __init__(self, stream: av.AudioStream | None, report: Reporter) -> None:
+    def __init__(self, stream: av.AudioStream | None, report: Reporter, *, split: bool) -> None:
         self.stream, self.report = stream, report
+        self._parser = (
+            av.CodecContext.create(stream.codec_context.name, "r") if stream and split else None
+        )
         self.name = describe(stream.codec_context if stream else None)
         self.bad = self._failing = 0
         report.audio_state(self.name)
@@ -95,9 +104,13 @@ class AudioDecoder:
     def decode(self, packet: av.Packet) -> None:
         if self.stream is None:
             return
+        codec = self.stream.codec_context
+        media_time = None if packet.pts is None else float(packet.pts * packet.time_base)
         try:
-            for frame in self.stream.codec_context.decode(packet):
-                self.report.audio(frame)
+            for part in self._parser.parse(bytes(packet)) if self._parser else [packet]:
+                for frame in codec.decode(part):
+                    self.report.audio(frame, media_time)
+                    media_time = None
         except (av.error.FFmpegError, ValueError) as exc:
             self.bad += 1
             self._failing += 1
@@ -150,7 +163,7 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
             stream.codec_context.thread_type = "SLICE"  # frame threads add a frame of delay each
             decoder = stream.codec_context
             audio = container.streams.audio[0] if container.streams.audio else None
-            sound = AudioDecoder(audio, report)
+            sound = AudioDecoder(audio, report, split="fflags" in options)
             streams = [stream] if audio is None else [stream, audio]
             try:
                 for packet in container.demux(*streams):
