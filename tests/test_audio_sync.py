@@ -19,9 +19,11 @@ track is continuous: its sample count matches its time span.
 
 from __future__ import annotations
 
+import random
 import socket
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -235,3 +237,85 @@ def test_publisher_drop_and_return_silence_then_sync(tmp_path, model_cache):
     assert max(gaps) >= 2 * sync_pattern.PERIOD, "no silence while the publisher was away"
     back = reading.beeps.index(reading.beeps[gaps.index(max(gaps)) + 1])
     assert len(reading.beeps) - back >= 3, "too few beeps after the return"
+
+
+def corrupt_audio(path: Path, audio_pid: int, every: int, seed: int = 5) -> int:
+    """Overwrite the payload of every ``every``-th TS packet of ``audio_pid`` with noise
+    (headers kept, so the demuxer still finds the PES packets); returns how many."""
+    data = bytearray(path.read_bytes())
+    rng = random.Random(seed)
+    hit = seen = 0
+    for at in range(0, len(data) - 187, 188):
+        pid = (data[at + 1] & 0x1F) << 8 | data[at + 2]
+        start = data[at + 1] & 0x40  # payload unit start: a PES header, left alone
+        if pid == audio_pid and not start:
+            seen += 1
+            if seen % every == 0:
+                data[at + 4 : at + 188] = rng.randbytes(184)
+                hit += 1
+    path.write_bytes(bytes(data))
+    return hit
+
+
+def send_ts(path: Path, port: int, seconds: float) -> None:
+    """Send an MPEG-TS file to 127.0.0.1:``port`` in 1316-byte datagrams at a constant rate
+    over ``seconds`` (a plain socket: the ffmpeg CLI's own pacing stumbles on the garbage)."""
+    data = path.read_bytes()
+    chunks = [data[i : i + 1316] for i in range(0, len(data), 1316)]
+    start = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i, chunk in enumerate(chunks):
+            if (delay := start + i * seconds / len(chunks) - time.monotonic()) > 0:
+                time.sleep(delay)
+            sock.sendto(chunk, ("127.0.0.1", port))
+
+
+def test_malformed_audio_keeps_the_video_going(tmp_path, model_cache):
+    """An MPEG-TS stream whose audio packets are partly garbage: the video goes on (every
+    flash reaches the output), the ingest process never restarts, and the log says what
+    happened to the audio."""
+    recording = tmp_path / "in.ts"
+    argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
+            *[a for a in sync_pattern.lavfi_inputs(SIZE, FPS, 12) if a != "-re"],
+            "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "15",
+            "-pix_fmt", "yuv420p", "-c:a", "aac", "-f", "mpegts", str(recording)]  # fmt: skip
+    subprocess.run(argv, check=True)
+    assert corrupt_audio(recording, 0x101, every=3) >= 30
+    port, out_port = peers.free_port(socket.SOCK_DGRAM), peers.free_port(socket.SOCK_DGRAM)
+    out = f"udp://127.0.0.1:{out_port}"
+    config = passthrough_config(tmp_path, f"udp://127.0.0.1:{port}", [out], model_cache)
+    with running(config) as (daemon, _, lines):
+        wait_for("the UDP source to bind", lambda: peers.udp_bound(port), 30)
+        recorder = record(f"{out}?fifo_size=100000&overrun_nonfatal=1", tmp_path / "o.ts", 10)
+        sender = threading.Thread(target=send_ts, args=(recording, port, 12.0), daemon=True)
+        sender.start()
+        assert recorder.wait(40) == 0, recorder.stderr.read()
+        sender.join(30)
+        said = [line for line in lines.lines if "source audio" in line]
+        print("\n" + "\n".join(said))
+        assert not [line for line in lines.lines if "exited" in line], lines.lines
+        received = daemon.source.received  # every frame the ingest process decoded
+        print(f"video frames decoded: {received} of {12 * FPS}")
+        assert received >= 10 * FPS
+    reading = sync_pattern.measure(str(tmp_path / "o.ts"))
+    print(f"flashes out: {reading.flashes}")
+    assert len(reading.flashes) >= 4, "the video did not go on"
+    assert said and "aac" in said[0]
+
+
+def test_audio_only_publisher_is_named_and_turned_away(tmp_path, model_cache):
+    """A publisher with sound but no picture: the source says so, naming the URL, and the
+    listener waits for the next publisher."""
+    port = peers.free_port()
+    url = f"rtmp://127.0.0.1:{port}/live/k"
+    config = passthrough_config(tmp_path, f"{url}?listen=1", ["null"], model_cache)
+    with running(config) as (daemon, _, _lines):
+        wait_for_listener(daemon)
+        peers.spawn(["ffmpeg", "-hide_banner", "-loglevel", "quiet", "-re", "-f", "lavfi",
+                     "-i", "sine=f=440:r=48000", "-c:a", "aac", "-f", "flv", url])  # fmt: skip
+        state = wait_for("the source to name the audio-only stream",
+                         lambda: (s := daemon.stats()["fields"]["source"]) and
+                         "no video stream" in s and s, 30)  # fmt: skip
+        print(f"\nsource: {state}")
+        assert f"127.0.0.1:{port}/live/****" in state and "audio only" in state
+        assert "waiting for publisher" in state

@@ -140,8 +140,9 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
         timeout = (spec["open_timeout"], spec["read_timeout"])
     backoff = Backoff(*spec["backoff"])
     waiting = f"waiting for publisher on {label}" if listen else f"connecting to {label}"
+    note = ""  # why the last publisher was turned away, shown while waiting for the next
     while True:
-        report.state(wire.CONNECTING, waiting)
+        report.state(wire.CONNECTING, waiting + note)
         try:
             container = av.open(url, format=fmt, options=options, timeout=timeout)
         except av.error.FFmpegError as exc:
@@ -158,7 +159,8 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
         try:
             if not container.streams.video:
                 kinds = "audio only" if container.streams.audio else "no streams"
-                raise NoVideo(f"{label} has no video stream ({kinds})")
+                raise NoVideo(f"no video stream in {label} ({kinds}): nothing to filter")
+            note = ""
             stream = container.streams.video[0]
             stream.codec_context.thread_type = "SLICE"  # frame threads add a frame of delay each
             decoder = stream.codec_context
@@ -182,6 +184,7 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
                     report.frame(frame)
         except NoVideo as exc:
             why = str(exc)
+            note = f"; the last publisher sent {why}"
         except av.error.FFmpegError as exc:
             why = reason(exc)
         finally:

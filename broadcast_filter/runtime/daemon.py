@@ -104,6 +104,7 @@ class Daemon:
         #: the lasting video delay (capture to sink), from every fresh picture sent
         self.delay = DelayTracker(fps)
         self.audio: AudioLine | None = None
+        self._audio_said = "none"
         if source.carries_audio and any(s.audio for _, s in sinks):
             self.audio = AudioLine(self.delay)
             source.listen_audio(self.audio.put)
@@ -215,6 +216,16 @@ class Daemon:
             self._reload_presets()
         self.sinks.retry(now, time.monotonic)
         self._check_limits(now)
+        self._log_audio_state()
+
+    def _log_audio_state(self) -> None:
+        """Say each new state of the source's audio once (found, bad packets, dropped)."""
+        if self.audio is None:
+            return
+        state = self.source.audio_state
+        if state != self._audio_said:
+            self._audio_said = state
+            self.status.log(f"source audio: {state}")
 
     def stop(self) -> None:
         """Stop the threads and release source and sinks (once); within ~1.5 s."""
