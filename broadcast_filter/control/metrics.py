@@ -92,6 +92,18 @@ class StatusCollector:
                 if name not in s["sinks"]:
                     up.add_metric([name], 0.0)
             yield up
+        audio = s.get("audio")
+        if audio and audio.get("delay_s") is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_audio_delay_seconds",
+                "how long the audio is held back to meet its video",
+                _number(audio["delay_s"]),
+            )
+            yield CounterMetricFamily(
+                f"{PREFIX}_audio_silence_seconds",
+                "silence put on air for want of source audio",
+                value=_number(audio["silence_s"]),
+            )
         health = s.get("health")
         if health:
             yield GaugeMetricFamily(f"{PREFIX}_ready", "first output sent", float(health["ready"]))

@@ -209,7 +209,7 @@ class NdiSink(Sink):
     kind = "ndi"
 
     def __init__(
-        self, url: str, *, width: int, height: int, fps: float, audio: str = "aac"
+        self, url: str, *, width: int, height: int, fps: float, audio: str = "off"
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         ndi = ndi_lib()

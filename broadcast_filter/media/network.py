@@ -274,6 +274,9 @@ class NetworkSink(Sink):
     ``bitrate`` (bits/s) is also the max rate and the 1-second VBV buffer (constant-ish
     bitrate for live ingest); ``keyframe_interval`` is in seconds. ``state`` says
     "connecting", "live" or "lost (...), retrying in 2s", and how many frames were dropped.
+    ``audio="aac"`` adds an AAC track (48 kHz stereo, ``audio_bitrate`` bits/s) fed by
+    :meth:`send_audio` (the daemon asks for it when its source may carry sound); audio
+    waits in a queue of its own, so a dropped video frame never takes sound with it.
 
     What it promises: every frame given to ``send()`` reaches the encoder in order unless
     the pipe or the encoder stalls for longer than ``jitter_frames`` frames (a
@@ -295,7 +298,7 @@ class NetworkSink(Sink):
         preset: str = "ultrafast",
         backoff: tuple[float, float] = (0.5, 4.0),
         jitter_frames: int = JITTER_FRAMES,
-        audio: str = "aac",
+        audio: str = "off",
         audio_bitrate: int = AUDIO_BITRATE,
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
@@ -337,8 +340,10 @@ class NetworkSink(Sink):
 
     @property
     def state(self) -> str:
+        """``live``, ``live, audio aac`` (with an audio track), and the frames it dropped."""
+        state = f"{self._state}, audio aac" if self.audio else self._state
         dropped = self.dropped
-        return f"{self._state}, {dropped} dropped" if dropped else self._state
+        return f"{state}, {dropped} dropped" if dropped else state
 
     @property
     def dropped(self) -> int:

@@ -38,8 +38,11 @@ from broadcast_filter.runtime.telemetry import StatusLine, Telemetry
 
 
 def sink_options(settings: SinkSettings, audio: bool) -> dict[str, object]:
-    """A sink's options; without audio from the source, no sink gets an audio track."""
-    return settings.options if audio else {**settings.options, "audio": "off"}
+    """A sink's options: when the source may carry audio, sinks that can carry it get an
+    AAC track unless their options say ``audio: off``; otherwise none gets one."""
+    if not audio:
+        return {**settings.options, "audio": "off"}
+    return {"audio": "aac", **settings.options}
 
 
 def open_sinks(

@@ -129,6 +129,7 @@ class Daemon:
             "fields": self._fields(),
             "engine_restarts": self.watchdog.state.restarts,
             "source_up": not self._source_lost and not self._source_ended.is_set(),
+            "audio": self._audio_details(),
             "health": self.health(time.monotonic()),
         }
 
@@ -167,6 +168,20 @@ class Daemon:
             if value is not None:
                 values[name] = str(value)
         return values
+
+    def _audio_details(self) -> dict[str, Any]:
+        """The source's audio, the delay it is held back by and the silence put on air
+        (no input for that time: no audio yet, a lost source), for the API and metrics."""
+        line = self.audio
+        if line is None:
+            return {"source": "none", "delay_s": None, "silence_s": 0.0}
+        return {
+            "source": self.source.audio_state,
+            "delay_s": line.delay,
+            "silence_s": line.silent / RATE,
+            "skipped_s": line.skipped / RATE,
+            "sinks": [name for name, sink in list(self.sinks.sinks.items()) if sink.audio],
+        }
 
     def _audio_state(self) -> str:
         """``aac 48k stereo, delay 120 ms``: the source's audio and how long it is held."""
