@@ -334,3 +334,47 @@ def test_network_modules_are_imported_for_their_schemes():
     with pytest.raises(MediaError, match="unknown source 'rtmpx:"):
         open_source("rtmpx://h/a", width=W, height=H, fps=30)
     assert {"rtmp", "udp"} <= set(base.SOURCES) and {"rtmp", "udp"} <= set(base.SINKS)
+
+
+# --- sound beside a capture (audio=FORMAT:DEVICE) ---------------------------------------------
+
+#: a stand-in for a microphone: lavfi, paced to real time, a 20 ms click every 0.5 s
+CLICKS = "lavfi:aevalsrc='if(lt(mod(t,0.5),0.02),0.8,0)':s=44100,arealtime"
+
+
+def test_screen_with_an_audio_device_stamps_its_sound_on_the_frames_clock(xvfb):
+    """The audio input is a real FFmpeg input device read by its own thread (lavfi stands in
+    for ALSA/dshow, which need hardware): chunks arrive at 48 kHz stereo (resampled from
+    44.1 kHz mono) with stamps on the monotonic clock that follow the device's timestamps."""
+    chunks = []
+    url = f"x11grab:{xvfb}?audio={CLICKS}"
+    with open_source(url, width=64, height=36, fps=10) as source:
+        assert source.carries_audio and "44.1k mono" in source.audio_state
+        source.listen_audio(chunks.append)
+        start = time.monotonic()
+        frames = take(source, 20)
+    assert frames[0].captured_at >= start - 0.5
+    samples = np.concatenate([c.samples for c in chunks])
+    assert samples.shape[1] == 2 and samples.dtype == np.float32
+    assert np.array_equal(samples[:, 0], samples[:, 1])  # mono to both channels
+    onsets: list[float] = []
+    for chunk in chunks:
+        for i in np.flatnonzero(chunk.samples[:, 0] > 0.4):
+            at = chunk.captured_at + i / 48_000
+            if not onsets or at > onsets[-1] + 0.1:
+                onsets.append(at)
+    steps = np.diff(onsets)
+    print(f"\n{len(chunks)} chunks; clicks {len(onsets)}, apart {np.round(steps, 4)}")
+    assert len(onsets) >= 3
+    # stamps come from the device's timestamps, not from when the thread got to them
+    assert np.allclose(steps, 0.5, atol=0.002), steps
+    # and they are on the frames' clock: the last click is no older than the last frame + 1 s
+    assert abs(onsets[-1] - frames[-1].captured_at) < 1.0
+
+
+def test_a_bad_audio_device_is_named():
+    """Checked before the picture's device is opened (none is needed here)."""
+    with pytest.raises(MediaError, match=r"audio='nosuch:x'.*no 'nosuch' input"):
+        ScreenSource(":0", width=W, height=H, fps=30, audio="nosuch:x")
+    with pytest.raises(MediaError, match="give FORMAT:DEVICE"):
+        ScreenSource(":0", width=W, height=H, fps=30, audio="default")

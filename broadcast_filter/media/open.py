@@ -47,7 +47,8 @@ SOURCE_FORMS = """\
   dshow:video=NAME                          camera (Windows)
   avfoundation:INDEX                        camera (macOS)
   device:N                                  camera number N on this OS
-      cameras take ?size=WxH&fps=N&pixel_format=mjpeg
+      cameras take ?size=WxH&fps=N&pixel_format=mjpeg&audio=FORMAT:DEVICE (alsa:default,
+      dshow:audio=NAME, avfoundation::0: the sound beside the picture; screens take it too)
   screen | screen:DISPLAY | x11grab::0.0+X,Y | gdigrab:desktop    screen [?size=WxH&draw_mouse=1]
   rtmp://HOST:PORT/APP/KEY?listen=1         be the RTMP server a publisher (OBS) pushes to
   rtmp://HOST:PORT/APP/KEY                  pull from an RTMP server (nginx-rtmp, ...)
@@ -191,6 +192,7 @@ def _capture(system: str | None, *, numbered: bool = False) -> SourceFactory:
             fps=_float(opts.get("fps"), "camera fps"),
             pixel_format=opts.get("pixel_format"),
             system=system,
+            audio=opts.get("audio"),
         )
 
     return factory
@@ -211,6 +213,7 @@ def _screen(system: str | None) -> SourceFactory:
             size=_size(opts.get("size"), "screen region size"),
             draw_mouse=_flag(opts.get("draw_mouse")),
             system=system,
+            audio=opts.get("audio"),
         )
 
     return factory

@@ -22,6 +22,7 @@ from typing import ClassVar
 import av
 import numpy as np
 
+from .audio_input import AudioInput
 from .base import AudioListener, Frame, MediaError, Source, SourceLost
 from .convert import FitPolicy, FrameConverter
 from .rate import frame_rate
@@ -299,17 +300,39 @@ class FileSource(_PyAVSource):
 
 
 class _LiveSource(_PyAVSource):
-    """A capture input that delivers at its own pace and never ends on its own."""
+    """A capture input that delivers at its own pace and never ends on its own; with
+    ``audio`` (``FORMAT:DEVICE``, :mod:`~broadcast_filter.media.audio_input`) its sound
+    comes from that audio device."""
 
     what: ClassVar[str]
     hint: ClassVar[str]
 
-    def __init__(self, spec: InputSpec, *, width: int, height: int, fit: FitPolicy) -> None:
+    def __init__(
+        self, spec: InputSpec, *, width: int, height: int, fit: FitPolicy, audio: str | None
+    ) -> None:
         super().__init__(width=width, height=height, fit=fit)
         self.spec = spec
-        self._container = _open_input(spec, f"{self.what} {spec.url!r}", self.hint)
+        self._audio = AudioInput(audio, self._emit_audio) if audio else None
+        self.carries_audio = self._audio is not None  # type: ignore[misc]
+        try:
+            self._container = _open_input(spec, f"{self.what} {spec.url!r}", self.hint)
+        except BaseException:
+            if self._audio is not None:
+                self._audio.close()
+            raise
+
+    @property  # type: ignore[override]
+    def audio_state(self) -> str:
+        return self._audio.state if self._audio is not None else "none"
+
+    def close(self) -> None:
+        if self._audio is not None:
+            self._audio.close()
+        super().close()
 
     def _frames(self) -> Iterator[Frame]:
+        if self._audio is not None:
+            self._audio.start()
         index = 0
         try:
             for av_frame in self._decode(self._container):
@@ -400,9 +423,10 @@ class CaptureSource(_LiveSource):
         fps: float | None = None,
         pixel_format: str | None = None,
         system: str | None = None,
+        audio: str | None = None,
     ) -> None:
         spec = capture_input(device, system=system, size=size, fps=fps, pixel_format=pixel_format)
-        super().__init__(spec, width=width, height=height, fit=fit)
+        super().__init__(spec, width=width, height=height, fit=fit, audio=audio)
 
 
 def screen_input(
@@ -457,9 +481,10 @@ class ScreenSource(_LiveSource):
         size: tuple[int, int] | None = None,
         draw_mouse: bool = False,
         system: str | None = None,
+        audio: str | None = None,
     ) -> None:
         spec = screen_input(display, system=system, fps=fps, size=size, draw_mouse=draw_mouse)
-        super().__init__(spec, width=width, height=height, fit=fit)
+        super().__init__(spec, width=width, height=height, fit=fit, audio=audio)
 
 
 def list_cameras() -> list[Device]:
