@@ -11,6 +11,7 @@ positive when the audio is late. The reader knows nothing of the daemon.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 
 import av
@@ -57,6 +58,7 @@ class Reading:
     audio_samples: int
     audio_duration: float  # from the first to the last audio sample's timestamp
     video_frames: int
+    audio_gaps: list[float]  # jumps between decoded audio frames (s; + gap, - overlap)
 
     @property
     def offsets(self) -> list[float]:
@@ -99,7 +101,19 @@ def measure(path: str, *, fmt: str | None = None, options: dict | None = None) -
         container.close()
     flashes = _flash_onsets(brightness)
     beeps, samples, span = _beep_onsets(chunks)
-    return Reading(flashes, beeps, _pair(flashes, beeps), samples, span, len(brightness))
+    pairs = _pair(flashes, beeps)
+    return Reading(flashes, beeps, pairs, samples, span, len(brightness), _gaps(chunks))
+
+
+def _gaps(chunks: list[tuple[float, np.ndarray]]) -> list[float]:
+    """Where a decoded audio frame does not start where the previous one ended (more than
+    two samples off: timestamps are rounded to the stream's time base)."""
+    gaps = []
+    for (t0, a), (t1, _) in itertools.pairwise(chunks):
+        jump = t1 - (t0 + len(a) / RATE)
+        if abs(jump) > 2 / RATE:
+            gaps.append(jump)
+    return gaps
 
 
 def _flash_onsets(brightness: list[tuple[float, float]]) -> list[float]:

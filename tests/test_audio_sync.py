@@ -113,8 +113,14 @@ def check(reading: sync_pattern.Reading, what: str, *, styled_until: float) -> N
     assert abs(reading.worst) <= SINGLE_PAIR_LIMIT, f"{what}: {reading.summary()}"
     check_each(passthrough, f"{what} passthrough")
     # continuous: as many samples as the time they span (within one AAC frame each end)
+    check_continuous(reading)
+
+
+def check_continuous(reading: sync_pattern.Reading) -> None:
+    """As many samples as the time they span (within one AAC frame each end), no gaps."""
     expected = reading.audio_duration * sync_pattern.RATE
     assert abs(reading.audio_samples - expected) <= 2 * 1024, (reading.audio_samples, expected)
+    assert not reading.audio_gaps, f"audio gaps/overlaps (s): {reading.audio_gaps[:10]}"
 
 
 def wait_for_listener(daemon) -> None:
@@ -177,8 +183,7 @@ def check_passthrough(reading: sync_pattern.Reading, what: str, min_pairs: int) 
           f"{reading.audio_duration:.2f} s")  # fmt: skip
     assert len(reading.pairs) >= min_pairs, f"{what}: too few pairs: {reading.pairs}"
     check_each(reading.offsets, what)
-    expected = reading.audio_duration * sync_pattern.RATE
-    assert abs(reading.audio_samples - expected) <= 2 * 1024, (reading.audio_samples, expected)
+    check_continuous(reading)
 
 
 @pytest.mark.parametrize("transport", ["udp", "srt"])
@@ -319,3 +324,26 @@ def test_audio_only_publisher_is_named_and_turned_away(tmp_path, model_cache):
         print(f"\nsource: {state}")
         assert f"127.0.0.1:{port}/live/****" in state and "audio only" in state
         assert "waiting for publisher" in state
+
+
+def test_a_minute_on_air_audio_is_continuous_and_does_not_drift(tmp_path, model_cache):
+    """60 s through the daemon: the output's audio has exactly as many samples as the time
+    it spans (within one AAC frame), no gap or overlap anywhere, and the A/V offset at the
+    end is the offset at the start (sample counts follow the wall clock, as video pts do)."""
+    port, out_port = peers.free_port(), peers.free_port(socket.SOCK_DGRAM)
+    url = f"rtmp://127.0.0.1:{port}/live/k"
+    out = f"udp://127.0.0.1:{out_port}"
+    config = passthrough_config(tmp_path, f"{url}?listen=1", [out], model_cache)
+    with running(config) as (daemon, _, _lines):
+        wait_for_listener(daemon)
+        publisher = publish(url, "flv", 80)
+        wait_for("audio through the daemon", lambda: daemon.audio.received > 0, 30)
+        recorder = record(f"{out}?fifo_size=100000&overrun_nonfatal=1", tmp_path / "o.ts", 60)
+        assert recorder.wait(90) == 0, recorder.stderr.read()
+        peers.stop(publisher)
+    reading = sync_pattern.measure(str(tmp_path / "o.ts"))
+    check_passthrough(reading, "60 s", min_pairs=25)
+    assert reading.audio_duration >= 59.5
+    first, last = statistics.median(reading.offsets[:5]), statistics.median(reading.offsets[-5:])
+    print(f"offset median of the first 5 pairs {first * 1e3:+.0f} ms, last 5 {last * 1e3:+.0f} ms")
+    assert abs(last - first) <= 1 / FPS, "the offset drifted"

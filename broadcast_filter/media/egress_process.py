@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 import time
+from fractions import Fraction
 from typing import BinaryIO
 
 import av
@@ -37,7 +38,6 @@ from broadcast_filter.media.aac import AacTrack
 from broadcast_filter.media.h264 import add_h264_stream, live_bitrate
 from broadcast_filter.media.ingest_process import reason
 from broadcast_filter.media.jitter import JitterBuffer
-from broadcast_filter.media.rate import frame_rate
 from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
 
 Item = tuple[np.ndarray, float]
@@ -50,6 +50,9 @@ MUXER_OPTIONS = {
     "mpegts": {"omit_video_pes_length": "0", "flush_packets": "1"},
 }
 INTERLEAVE = {"max_interleave_delta": "1"}
+#: video pts are the time each frame was sent, in MPEG-TS's 90 kHz: frame numbers would
+#: round a frame sent late onto the next slot, and every later frame with it
+TIME_BASE = Fraction(1, 90_000)
 #: audio chunks waiting for the encoder (one per output tick: 256 is 8 s at 30 fps)
 AUDIO_QUEUE = 256
 
@@ -78,6 +81,7 @@ def open_output(
         gop=spec["gop"],
         preset=spec["preset"],
         rate_control=live_bitrate(spec["bitrate"]),
+        time_base=TIME_BASE,
     )
     track = AacTrack(container, spec["audio_bitrate"]) if spec["audio"] else None
     return container, stream, track
@@ -111,12 +115,11 @@ def send(
     stream: av.VideoStream,
     track: AacTrack | None,
     buffers: tuple[JitterBuffer[Item], JitterBuffer[Item]],
-    fps: float,
     drops: Drops,
 ) -> None:
     """Encode and mux frames until the buffer closes; pts follow the time each frame was sent,
     and audio is placed by the time it goes on air, on the same timeline."""
-    rate = float(frame_rate(fps))
+    rate = TIME_BASE.denominator
     buffer, audio = buffers
     t0: float | None = None
     pts = -1
@@ -154,7 +157,7 @@ def egress(
             live = True
             backoff.reset()
             wire.write_text(report, wire.STATE, wire.LIVE, "live")
-            send(container, stream, track, buffers, spec["fps"], drops)
+            send(container, stream, track, buffers, drops)
         except (av.error.FFmpegError, OSError) as exc:
             what = "lost" if live else "cannot connect"
             code = wire.LOST if live else wire.CONNECTING

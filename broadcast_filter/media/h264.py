@@ -3,11 +3,14 @@
 libx264 (or another H.264 encoder by name) with ``tune=zerolatency`` (no lookahead, no
 B-frames: a frame leaves the encoder as soon as it is encoded), yuv420p (what every player
 and OBS decodes), a keyframe every ``gop`` frames and the exact frame rate of
-:func:`~broadcast_filter.media.rate.frame_rate` as both the stream rate and the codec time base.
+:func:`~broadcast_filter.media.rate.frame_rate` as the stream rate and (unless a finer one is
+asked for) the codec time base.
 Rate control is the caller's: a CRF for a recording, a capped bitrate for live ingest.
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import av
 
@@ -24,15 +27,18 @@ def add_h264_stream(
     preset: str,
     rate_control: dict[str, str],
     codec: str = "libx264",
+    time_base: Fraction | None = None,
 ) -> av.VideoStream:
-    """Add the video stream to ``container``; ``rate_control`` are extra encoder options."""
+    """Add the video stream to ``container``; ``rate_control`` are extra encoder options.
+    ``time_base``: give frames pts in it (e.g. ``1/90000``, stamped by send time, as a
+    stream with audio needs) instead of frame numbers in ``1/fps``."""
     rate = frame_rate(fps)
     options = {"preset": preset, "tune": "zerolatency", "g": str(gop), **rate_control}
     stream = container.add_stream(codec, rate=rate, options=options)
     stream.width, stream.height = width, height
     stream.pix_fmt = "yuv420p"
     stream.codec_context.gop_size = gop
-    stream.codec_context.time_base = 1 / rate
+    stream.codec_context.time_base = time_base or 1 / rate
     return stream
 
 
