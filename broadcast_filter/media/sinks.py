@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import time
+from fractions import Fraction
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,8 +19,10 @@ import numpy as np
 import pyvirtualcam
 from pyvirtualcam.camera import BACKENDS
 
-from .base import MediaError, Sink
+from .audio import AUDIO_BITRATE, CHANNELS, LAYOUT, RATE
+from .base import MediaError, Sink, audio_track
 from .h264 import add_h264_stream
+from .rate import frame_rate
 from .sources import Device
 
 log = logging.getLogger(__name__)
@@ -118,12 +122,19 @@ def list_virtual_cameras(width: int = 640, height: int = 480, fps: float = 30) -
 
 
 class FileSink(Sink):
-    """H.264 into MP4 or MKV that stays playable if the process dies mid-recording.
+    """H.264 (and AAC audio) into MP4 or MKV that stays playable if the process dies mid-recording.
 
     MP4 is written fragmented (``frag_keyframe+empty_moov+default_base_moof``) and MKV as
     clusters, with a keyframe every ``gop`` frames (default: one second) and every packet
     flushed to the OS: a file cut off by SIGKILL or a crash decodes up to the last complete
-    fragment. Frame ``n`` gets ``pts = n`` in a ``1/fps`` time base.
+    fragment. Without audio frame ``n`` gets ``pts = n`` in a ``1/fps`` time base.
+
+    With ``audio="aac"`` the file gets a 48 kHz stereo AAC track at ``audio_bitrate`` and
+    both tracks share one timeline from the first :meth:`send` or :meth:`send_audio`
+    (``t0``): a frame sent at ``now`` gets ``pts = round((now - t0) * fps)`` (at least one
+    more than the last), the first audio chunk ``round((at - t0) * RATE)`` in ``1/RATE``,
+    and later chunks follow it sample for sample (they are contiguous); audio due before
+    ``t0`` is cut.
     """
 
     kind: ClassVar[str] = "file"
@@ -131,6 +142,9 @@ class FileSink(Sink):
         ".mp4": ("mp4", {"movflags": "frag_keyframe+empty_moov+default_base_moof"}),
         ".mkv": ("matroska", {}),
     }
+    #: the muxer waits at most this long (µs) for the other track before writing: an audio
+    #: track that gets no samples must not hold the video back (FFmpeg's default: 10 s)
+    INTERLEAVE_US: ClassVar[str] = "500000"
 
     def __init__(
         self,
@@ -143,19 +157,22 @@ class FileSink(Sink):
         preset: str = "veryfast",
         crf: int = 23,
         gop: int | None = None,
+        audio: str = "aac",
+        audio_bitrate: int = AUDIO_BITRATE,
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         self.path = Path(path)
+        self.label = str(self.path)
+        self.audio = audio_track(audio, self.label)
         suffix = self.path.suffix.lower()
         if suffix not in self.CONTAINERS:
             raise MediaError(f"cannot record to {self.path}: use a .mp4 or .mkv file name")
         if width % 2 or height % 2:
             raise MediaError(f"H.264 4:2:0 needs an even width and height, got {width}x{height}")
         fmt, options = self.CONTAINERS[suffix]
+        options = {**options, "flush_packets": "1", "max_interleave_delta": self.INTERLEAVE_US}
         try:
-            self._container = av.open(
-                str(self.path), "w", format=fmt, options={**options, "flush_packets": "1"}
-            )
+            self._container = av.open(str(self.path), "w", format=fmt, options=options)
             self._stream = add_h264_stream(
                 self._container,
                 width=width,
@@ -166,6 +183,7 @@ class FileSink(Sink):
                 rate_control={"crf": str(crf)},
                 codec=codec,
             )
+            self._audio_stream = self._add_aac(audio_bitrate) if self.audio else None
         except (av.error.FFmpegError, OSError, ValueError) as e:
             raise MediaError(f"cannot record to {self.path} ({fmt}, {codec}): {e}") from e
         # one RGB frame, refilled in place for every send (the encoder converts it to yuv420p)
@@ -174,18 +192,72 @@ class FileSink(Sink):
         self._pixels = np.frombuffer(self._frame.planes[0], np.uint8).reshape(height, line)
         self._pixels = self._pixels[:, : width * 3].reshape(height, width, 3)
         self.frames = 0
+        self._rate = float(frame_rate(fps))
+        self._t0: float | None = None  # with audio: the time both tracks count from
+        self._pts = -1
+        self._audio_pts: int | None = None  # pts of the first sample in `_pending`
+        self._pending = np.zeros((0, CHANNELS), np.float32)  # less than one AAC frame
+
+    def _add_aac(self, bitrate: int) -> av.AudioStream:
+        stream = self._container.add_stream("aac", rate=RATE, layout=LAYOUT)
+        stream.codec_context.format = "fltp"
+        stream.codec_context.bit_rate = int(bitrate)
+        stream.codec_context.time_base = Fraction(1, RATE)
+        return stream
 
     def send(self, image: np.ndarray) -> None:
         self.check(image)
         self._pixels[...] = image
-        self._frame.pts = self.frames
+        if self.audio:
+            now = time.monotonic()
+            self._t0 = now if self._t0 is None else self._t0
+            self._pts = max(self._pts + 1, round((now - self._t0) * self._rate))
+        else:
+            self._pts = self.frames
+        self._frame.pts = self._pts
         self._frame.time_base = self._stream.codec_context.time_base
         self._container.mux(self._stream.encode(self._frame))
         self.frames += 1
 
+    def send_audio(self, samples: np.ndarray, at: float) -> None:
+        """Encode ``(n, CHANNELS)`` float32 samples in whole AAC frames; the rest waits for
+        the next chunk (or :meth:`close`)."""
+        if self._audio_stream is None:
+            return
+        if self._audio_pts is None:
+            self._t0 = at if self._t0 is None else self._t0
+            start = round((at - self._t0) * RATE)
+            samples = samples[max(0, -start) :]  # what was due before t0
+            if not len(samples):
+                return
+            self._audio_pts = max(0, start)
+        self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
+        size = self._audio_stream.codec_context.frame_size or 1024
+        whole = len(self._pending) // size * size
+        for i in range(0, whole, size):
+            self._encode_audio(self._pending[i : i + size])
+        self._pending = self._pending[whole:]
+
+    def _encode_audio(self, samples: np.ndarray | None) -> None:
+        """Encode one AAC frame of samples (None: flush the encoder)."""
+        assert self._audio_stream is not None
+        frame = None
+        if samples is not None:
+            planar = np.ascontiguousarray(samples.T)
+            frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=LAYOUT)
+            frame.sample_rate = RATE
+            frame.pts = self._audio_pts
+            frame.time_base = Fraction(1, RATE)
+            self._audio_pts += len(samples)
+        self._container.mux(self._audio_stream.encode(frame))
+
     def close(self) -> None:
         try:
             self._container.mux(self._stream.encode(None))
+            if self._audio_stream is not None:
+                if len(self._pending):  # AAC takes a short last frame
+                    self._encode_audio(self._pending)
+                self._encode_audio(None)
         except (av.error.FFmpegError, OSError) as e:
             log.warning("recording %s: last frames lost: %s", self.path, e)
         try:
