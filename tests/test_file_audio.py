@@ -173,7 +173,12 @@ def record(path: Path, flash: int, frames: int) -> int:
     """Send ``frames`` frames in real time (frame ``flash`` white, the rest black) and the
     audio the daemon would send: contiguous chunks, 0.1 s behind the wall clock and from the
     seventh frame on (so the first is due 0.1 s after the first frame), a beep starting at
-    the time the white frame was sent. Returns how many samples were sent."""
+    the time the white frame was sent. Returns how many samples were sent.
+
+    The two ticks before the flash send no frame (as when the daemon has no new picture):
+    video pts never repeat, so on a busy machine one late frame can push the following ones
+    a frame ahead of their send time; after a gap the flash's pts is its own send time
+    (rounded to the frame grid), which is what the sync check is about."""
     sink = open_sink(str(path), width=SIZE, height=SIZE, fps=FPS)
     assert isinstance(sink, FileSink) and sink.audio
     black = np.zeros((SIZE, SIZE, 3), np.uint8)
@@ -185,7 +190,8 @@ def record(path: Path, flash: int, frames: int) -> int:
         time.sleep(max(0.0, start + i / FPS - time.monotonic()))
         now = time.monotonic()
         flash_at = now if i == flash else flash_at
-        sink.send(white if i == flash else black)
+        if not flash - 2 <= i < flash:
+            sink.send(white if i == flash else black)
         if i < 6:
             continue
         audio_at = now - 0.1 if audio_at is None else audio_at
@@ -257,3 +263,22 @@ def test_file_sink_trims_audio_before_the_first_frame(tmp_path):
     assert RATE // 2 <= len(samples) <= RATE // 2 + 2 * 1024
     window = slice(RATE // 8, RATE // 4)  # the second half of the ramp was kept
     assert samples[window].mean() == pytest.approx(ramp[RATE // 2 :][window, 0].mean(), abs=0.01)
+
+
+def test_file_sink_puts_a_chunk_after_a_skip_at_its_own_time(tmp_path):
+    """The daemon's audio line skips ahead after a long output stall: the recording fills
+    the gap with silence instead of pulling the later audio early."""
+    path = tmp_path / "skip.mkv"
+    sink = FileSink(path, width=SIZE, height=SIZE, fps=FPS)
+    sink.send(np.zeros((SIZE, SIZE, 3), np.uint8))
+    t0 = sink._t0
+    assert t0 is not None
+    sink.send_audio(np.zeros((RATE // 2, 2), np.float32), t0)  # 0 .. 0.5 s
+    tone = 0.8 * np.sin(2 * np.pi * 1000 * np.arange(RATE // 10) / RATE)
+    sink.send_audio(np.repeat(tone[:, None], 2, axis=1).astype(np.float32), t0 + 1.5)
+    sink.close()
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(audio=0))
+    times = np.concatenate([f.time + np.arange(f.samples) / RATE for f in decoded])
+    samples = np.concatenate([f.to_ndarray().T for f in decoded])
+    assert beep_onsets(times, samples) == pytest.approx([1.5], abs=0.005)

@@ -19,13 +19,18 @@ import numpy as np
 import pyvirtualcam
 from pyvirtualcam.camera import BACKENDS
 
-from .audio import AUDIO_BITRATE, CHANNELS, LAYOUT, RATE
+from .audio import AUDIO_BITRATE, CHANNELS, LAYOUT, RATE, silence
 from .base import MediaError, Sink, audio_track
 from .h264 import add_h264_stream
 from .rate import frame_rate
 from .sources import Device
 
 log = logging.getLogger(__name__)
+
+#: an audio chunk this far (s) from where the recorded track has got to is not contiguous
+#: with the last one (the daemon skips audio after a long output stall): it is put at its
+#: own time, the gap filled with silence or the overlap cut
+RESYNC_S = 0.02
 
 
 class NullSink(Sink):
@@ -221,7 +226,8 @@ class FileSink(Sink):
 
     def send_audio(self, samples: np.ndarray, at: float) -> None:
         """Encode ``(n, CHANNELS)`` float32 samples in whole AAC frames; the rest waits for
-        the next chunk (or :meth:`close`)."""
+        the next chunk (or :meth:`close`). A chunk off by more than :data:`RESYNC_S` from
+        the end of the last is put at its ``at``."""
         if self._audio_stream is None:
             return
         if self._audio_pts is None:
@@ -231,6 +237,12 @@ class FileSink(Sink):
             if not len(samples):
                 return
             self._audio_pts = max(0, start)
+        else:
+            gap = round((at - self._t0) * RATE) - (self._audio_pts + len(self._pending))
+            if gap > RESYNC_S * RATE:
+                samples = np.concatenate([silence(gap), samples])
+            elif gap < -RESYNC_S * RATE:
+                samples = samples[-gap:]
         self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
         size = self._audio_stream.codec_context.frame_size or 1024
         whole = len(self._pending) // size * size
