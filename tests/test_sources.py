@@ -95,7 +95,7 @@ def test_pacer_reanchors_instead_of_bursting_after_a_stall():
 def clip(tmp_path_factory):
     """Ten 160x90 frames at 30 fps with counters 0..9, written by the file sink."""
     path = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    with open_sink(str(path), width=160, height=90, fps=30) as sink:
+    with open_sink(str(path), width=160, height=90, fps=30, audio="off") as sink:
         for i in range(10):
             image = np.full((90, 160, 3), 90, np.uint8)
             draw_counter(image, i)

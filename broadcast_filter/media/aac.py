@@ -7,7 +7,8 @@ them on the video's timeline: with ``t0`` the time the sink's first video frame 
 ``round((at - t0) * RATE)``. Samples before ``t0`` are dropped; from then on the track is
 continuous (a gap between chunks is filled with silence, an overlap trimmed), encoded in the
 encoder's blocks of 1024 samples. The encoder's first packet is its priming (pts -1024):
-MPEG-TS and FLV cannot carry a negative time (it wraps), so it is not muxed.
+MP4 and MKV record it as such (the decoder skips it), MPEG-TS and FLV cannot carry a
+negative time (it wraps), so there it is not muxed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import numpy as np
 
 from broadcast_filter.media.audio import LAYOUT, RATE, silence
 
+#: containers that cannot carry the encoder's priming (a negative timestamp)
+NO_PRIMING = frozenset({"flv", "mpegts"})
+
 
 class AacTrack:
     """An AAC stream in ``container``; :meth:`add` returns the packets to mux."""
@@ -24,6 +28,7 @@ class AacTrack:
     def __init__(self, container: av.container.OutputContainer, bitrate: int) -> None:
         self.stream = container.add_stream("aac", rate=RATE, layout=LAYOUT)
         self.stream.bit_rate = bitrate
+        self._drop_priming = container.format.name in NO_PRIMING
         self._block = self.stream.codec_context.frame_size or 1024
         self._pending = silence(0)
         self._next: int | None = None  # audio pts of the first pending sample
@@ -67,4 +72,6 @@ class AacTrack:
             self.samples += block
         if final:
             packets += self.stream.encode(None)
-        return [p for p in packets if p.pts is None or p.pts >= 0]
+        if self._drop_priming:
+            packets = [p for p in packets if p.pts is None or p.pts >= 0]
+        return packets

@@ -25,7 +25,6 @@ import os
 import sys
 import threading
 import time
-from fractions import Fraction
 from typing import BinaryIO
 
 import av
@@ -35,7 +34,7 @@ import numpy as np
 from broadcast_filter.backoff import Backoff
 from broadcast_filter.media import portable, wire
 from broadcast_filter.media.aac import AacTrack
-from broadcast_filter.media.h264 import add_h264_stream, live_bitrate
+from broadcast_filter.media.h264 import SEND_TIME_BASE, add_h264_stream, live_bitrate
 from broadcast_filter.media.ingest_process import reason
 from broadcast_filter.media.jitter import JitterBuffer
 from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
@@ -50,9 +49,6 @@ MUXER_OPTIONS = {
     "mpegts": {"omit_video_pes_length": "0", "flush_packets": "1"},
 }
 INTERLEAVE = {"max_interleave_delta": "1"}
-#: video pts are the time each frame was sent, in MPEG-TS's 90 kHz: frame numbers would
-#: round a frame sent late onto the next slot, and every later frame with it
-TIME_BASE = Fraction(1, 90_000)
 #: audio chunks waiting for the encoder (one per output tick: 256 is 8 s at 30 fps)
 AUDIO_QUEUE = 256
 
@@ -81,7 +77,7 @@ def open_output(
         gop=spec["gop"],
         preset=spec["preset"],
         rate_control=live_bitrate(spec["bitrate"]),
-        time_base=TIME_BASE,
+        time_base=SEND_TIME_BASE,
     )
     track = AacTrack(container, spec["audio_bitrate"]) if spec["audio"] else None
     return container, stream, track
@@ -119,7 +115,7 @@ def send(
 ) -> None:
     """Encode and mux frames until the buffer closes; pts follow the time each frame was sent,
     and audio is placed by the time it goes on air, on the same timeline."""
-    rate = TIME_BASE.denominator
+    rate = SEND_TIME_BASE.denominator
     buffer, audio = buffers
     t0: float | None = None
     pts = -1

@@ -16,6 +16,11 @@ import av
 
 from broadcast_filter.media.rate import frame_rate
 
+#: pts from the time each frame was sent, in MPEG-TS's 90 kHz (for streams with audio, whose
+#: samples are placed by time): frame numbers in ``1/fps`` would round a frame sent late
+#: onto the next slot, and every later frame with it
+SEND_TIME_BASE = Fraction(1, 90_000)
+
 
 def add_h264_stream(
     container: av.container.OutputContainer,

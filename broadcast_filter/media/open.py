@@ -16,6 +16,7 @@ import re
 from urllib.parse import parse_qsl
 
 from . import ndi, network  # noqa: F401 - importing them registers their kinds
+from .audio import AUDIO_BITRATE
 from .base import (
     SINKS,
     SOURCES,
@@ -60,6 +61,7 @@ SINK_FORMS = """\
   vcam | vcam:DEVICE | vcam?backend=NAME    virtual camera (pyvirtualcam)
   null                                      discard frames (benchmarks)
   PATH.mp4 | PATH.mkv | file:PATH           H.264 recording [?preset=veryfast&crf=23&gop=N]
+                                            with AAC sound [&audio=aac|off&audio_bitrate=N]
   rtmp://HOST:PORT/APP/KEY                  publish H.264/FLV to an RTMP server
   udp://HOST:PORT                           H.264 in MPEG-TS over UDP (an OBS Media Source)
   srt://HOST:PORT?mode=caller | srt://:PORT?mode=listener    SRT (needs srt-live-transmit)
@@ -245,6 +247,8 @@ def _file_sink(url: str, *, width: int, height: int, fps: float, **options) -> S
         preset=str(opts.get("preset", "veryfast")),
         crf=int(opts.get("crf", 23)),
         gop=int(opts["gop"]) if "gop" in opts else None,
+        audio=str(opts.get("audio", "off")),
+        audio_bitrate=int(opts.get("audio_bitrate", AUDIO_BITRATE)),
     )
 
 

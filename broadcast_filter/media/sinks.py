@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,8 +18,10 @@ import numpy as np
 import pyvirtualcam
 from pyvirtualcam.camera import BACKENDS
 
-from .base import MediaError, Sink
-from .h264 import add_h264_stream
+from .aac import AacTrack
+from .audio import AUDIO_BITRATE
+from .base import MediaError, Sink, audio_track
+from .h264 import SEND_TIME_BASE, add_h264_stream
 from .sources import Device
 
 log = logging.getLogger(__name__)
@@ -118,12 +121,19 @@ def list_virtual_cameras(width: int = 640, height: int = 480, fps: float = 30) -
 
 
 class FileSink(Sink):
-    """H.264 into MP4 or MKV that stays playable if the process dies mid-recording.
+    """H.264 (and AAC audio) into MP4 or MKV that stays playable if the process dies mid-recording.
 
     MP4 is written fragmented (``frag_keyframe+empty_moov+default_base_moof``) and MKV as
     clusters, with a keyframe every ``gop`` frames (default: one second) and every packet
     flushed to the OS: a file cut off by SIGKILL or a crash decodes up to the last complete
-    fragment. Frame ``n`` gets ``pts = n`` in a ``1/fps`` time base.
+    fragment. Without audio frame ``n`` gets ``pts = n`` in a ``1/fps`` time base.
+
+    With ``audio="aac"`` the file gets a 48 kHz stereo AAC track at ``audio_bitrate`` and
+    both tracks share one timeline from the first :meth:`send` or :meth:`send_audio`
+    (``t0``): a frame sent at ``now`` gets ``pts = round((now - t0) * 90000)`` in
+    ``1/90000`` (the send time itself: frame numbers would round a late frame, and every
+    later one, onto the next slot), and audio is placed by the time it goes on air
+    (:class:`~broadcast_filter.media.aac.AacTrack`); audio due before ``t0`` is cut.
     """
 
     kind: ClassVar[str] = "file"
@@ -131,6 +141,9 @@ class FileSink(Sink):
         ".mp4": ("mp4", {"movflags": "frag_keyframe+empty_moov+default_base_moof"}),
         ".mkv": ("matroska", {}),
     }
+    #: the muxer waits at most this long (µs) for the other track before writing: an audio
+    #: track that gets no samples must not hold the video back (FFmpeg's default: 10 s)
+    INTERLEAVE_US: ClassVar[str] = "500000"
 
     def __init__(
         self,
@@ -143,19 +156,22 @@ class FileSink(Sink):
         preset: str = "veryfast",
         crf: int = 23,
         gop: int | None = None,
+        audio: str = "off",
+        audio_bitrate: int = AUDIO_BITRATE,
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         self.path = Path(path)
+        self.label = str(self.path)
+        self.audio = audio_track(audio, self.label)
         suffix = self.path.suffix.lower()
         if suffix not in self.CONTAINERS:
             raise MediaError(f"cannot record to {self.path}: use a .mp4 or .mkv file name")
         if width % 2 or height % 2:
             raise MediaError(f"H.264 4:2:0 needs an even width and height, got {width}x{height}")
         fmt, options = self.CONTAINERS[suffix]
+        options = {**options, "flush_packets": "1", "max_interleave_delta": self.INTERLEAVE_US}
         try:
-            self._container = av.open(
-                str(self.path), "w", format=fmt, options={**options, "flush_packets": "1"}
-            )
+            self._container = av.open(str(self.path), "w", format=fmt, options=options)
             self._stream = add_h264_stream(
                 self._container,
                 width=width,
@@ -165,7 +181,9 @@ class FileSink(Sink):
                 preset=preset,
                 rate_control={"crf": str(crf)},
                 codec=codec,
+                time_base=SEND_TIME_BASE if self.audio else None,
             )
+            self._track = AacTrack(self._container, int(audio_bitrate)) if self.audio else None
         except (av.error.FFmpegError, OSError, ValueError) as e:
             raise MediaError(f"cannot record to {self.path} ({fmt}, {codec}): {e}") from e
         # one RGB frame, refilled in place for every send (the encoder converts it to yuv420p)
@@ -174,18 +192,35 @@ class FileSink(Sink):
         self._pixels = np.frombuffer(self._frame.planes[0], np.uint8).reshape(height, line)
         self._pixels = self._pixels[:, : width * 3].reshape(height, width, 3)
         self.frames = 0
+        self._t0: float | None = None  # with audio: the time both tracks count from
+        self._pts = -1
 
     def send(self, image: np.ndarray) -> None:
         self.check(image)
         self._pixels[...] = image
-        self._frame.pts = self.frames
+        if self.audio:
+            now = time.monotonic()
+            self._t0 = now if self._t0 is None else self._t0
+            self._pts = max(self._pts + 1, round((now - self._t0) * SEND_TIME_BASE.denominator))
+        else:
+            self._pts = self.frames
+        self._frame.pts = self._pts
         self._frame.time_base = self._stream.codec_context.time_base
         self._container.mux(self._stream.encode(self._frame))
         self.frames += 1
 
+    def send_audio(self, samples: np.ndarray, at: float) -> None:
+        """Encode samples on the video's timeline (:class:`.aac.AacTrack`)."""
+        if self._track is None:
+            return
+        self._t0 = at if self._t0 is None else self._t0
+        self._container.mux(self._track.add(samples, at, self._t0))
+
     def close(self) -> None:
         try:
             self._container.mux(self._stream.encode(None))
+            if self._track is not None:
+                self._container.mux(self._track.flush())
         except (av.error.FFmpegError, OSError) as e:
             log.warning("recording %s: last frames lost: %s", self.path, e)
         try:

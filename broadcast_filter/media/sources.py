@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import glob
+import logging
 import os
 import platform
 import threading
@@ -22,6 +23,7 @@ from typing import ClassVar
 import av
 import numpy as np
 
+from .audio import RATE, AudioChunk, AudioConverter, describe
 from .audio_input import AudioInput
 from .base import AudioListener, Frame, MediaError, Source, SourceLost
 from .convert import FitPolicy, FrameConverter
@@ -34,6 +36,12 @@ from .rate import frame_rate
 #: header); a capture device delivers a whole frame per packet, so it stops after the first
 #: packet either way. analyzeduration 0: take the stream parameters from what was probed.
 LIVE_PROBE = {"probesize": "32768", "analyzeduration": "0"}
+
+log = logging.getLogger(__name__)
+
+#: a file whose audio runs this far (seconds) ahead of its first video frame is paced from
+#: its audio (the audio would otherwise wait for that frame)
+LEAD_S = 0.5
 
 #: counter bits drawn by the test pattern (wraps after 2**24 frames, 6 days at 30 fps)
 COUNTER_BITS = 24
@@ -82,6 +90,13 @@ class Pacer:
         delay = self._anchor + t - now
         if delay > 0:
             time.sleep(delay)
+
+    def due(self, t: float) -> float:
+        """The ``time.monotonic()`` at which media time ``t`` is (or was) due; the first call
+        anchors the clock at ``t`` = now if :meth:`wait` has not."""
+        if self._anchor is None:
+            self._anchor = time.monotonic() - t
+        return self._anchor + t
 
 
 def draw_counter(image: np.ndarray, value: int) -> None:
@@ -246,6 +261,15 @@ class FileSource(_PyAVSource):
 
     Without ``loop`` :meth:`frames` ends after the last frame; with it the file is reopened
     at the end and timestamps continue, so pacing stays smooth across the seam.
+
+    The file's first audio stream, if any (``carries_audio``), is demuxed with the video and
+    each decoded chunk goes to the audio listener as soon as it is decoded, stamped with the
+    time its media time is due on the video's :class:`Pacer`: the frame with media time ``t``
+    is yielded at the pacer's ``anchor + t``, so a chunk at media time ``ta`` gets
+    ``anchor + ta``. This is exact where a :class:`~broadcast_filter.media.audio.MediaClock`
+    fed with the yielded frames would only approach it, and it follows the pacer when a stall
+    re-anchors it. An audio stream that fails to decode is logged once and dropped; the
+    video plays on.
     """
 
     kind: ClassVar[str] = "file"
@@ -265,6 +289,12 @@ class FileSource(_PyAVSource):
         if not self.path.is_file():
             raise MediaError(f"video file not found: {self.path}")
         self._container = self._open()
+        audio = self._container.streams.audio
+        self.carries_audio = bool(audio)
+        self.audio_state = describe(audio[0].codec_context if audio else None)
+        self._audio_broken = False
+        self._audio_converter = AudioConverter()
+        self._audio_next: float | None = None  # media time of the next decoded audio sample
 
     def _open(self) -> av.container.InputContainer:
         container = _open_input(self.spec, f"video file {self.path}", "Is it a video file?")
@@ -275,28 +305,77 @@ class FileSource(_PyAVSource):
 
     def _frames(self) -> Iterator[Frame]:
         pacer, index, offset = Pacer(), 0, 0.0
+        # media time of the file's first video frame: the pacing origin (the same file on
+        # every loop); audio decoded before it is known waits in `pending` (a few packets)
+        first: float | None = None
+        pending: list[tuple[float, np.ndarray]] = []
         while True:
-            stream = self._container.streams.video[0]
-            step = float(1 / stream.average_rate) if stream.average_rate else 1 / 30
-            first = last = None
+            video = self._container.streams.video[0]
+            video.thread_type = "AUTO"
+            audio = self._container.streams.audio[0] if self.carries_audio else None
+            step = float(1 / video.average_rate) if video.average_rate else 1 / 30
+            last = None
+            streams = [video] if audio is None or self._audio_broken else [video, audio]
             try:
-                for av_frame in self._decode(self._container):
-                    t = av_frame.time if av_frame.time is not None else index * step
-                    first = t if first is None else first
-                    last = t
-                    image = self._converter.convert(av_frame)
-                    pacer.wait(offset + t - first)
-                    yield Frame(image, time.monotonic(), index)
-                    index += 1
+                for packet in self._container.demux(*streams):
+                    if self._stop:
+                        return
+                    if packet.stream.type == "audio":
+                        pending += self._decode_audio(packet)
+                        if first is None and pending and pending[-1][0] - pending[0][0] > LEAD_S:
+                            first = pending[0][0]  # no video frame yet: pace from the audio
+                        if first is not None:
+                            self._emit_pending(pending, pacer, offset - first)
+                        continue
+                    for av_frame in packet.decode():
+                        t = av_frame.time if av_frame.time is not None else index * step
+                        first = t if first is None else first
+                        last = t
+                        image = self._converter.convert(av_frame)
+                        pacer.wait(offset + t - first)
+                        self._emit_pending(pending, pacer, offset - first)
+                        yield Frame(image, time.monotonic(), index)
+                        index += 1
             except av.error.FFmpegError as e:
                 raise MediaError(f"cannot decode {self.path}: {e}") from e
             if self._stop or not self.loop:
                 return
-            if first is None:
+            if last is None or first is None:
                 raise MediaError(f"{self.path} has no decodable video frames; cannot loop it")
             offset += last - first + step
             self._container.close()
             self._container = self._open()
+
+    def _decode_audio(self, packet: av.Packet) -> list[tuple[float, np.ndarray]]:
+        """``(media time, samples)`` for each chunk decoded from ``packet``; none once the
+        audio stream failed to decode (said once, in the log and :attr:`audio_state`)."""
+        if self._audio_broken:
+            return []
+        chunks = []
+        try:
+            for frame in packet.decode():
+                samples = self._audio_converter.convert(frame)
+                if frame.time is not None:
+                    self._audio_next = frame.time
+                if len(samples) and self._audio_next is not None:
+                    chunks.append((self._audio_next, samples))
+                    self._audio_next += len(samples) / RATE
+        except (av.error.FFmpegError, ValueError) as e:
+            self._audio_broken = True
+            self.audio_state = f"{self.audio_state}, undecodable"
+            log.warning(
+                "%s: cannot decode its audio (%s); playing the video without it", self.path, e
+            )
+        return chunks
+
+    def _emit_pending(
+        self, pending: list[tuple[float, np.ndarray]], pacer: Pacer, shift: float
+    ) -> None:
+        """Hand the decoded chunks to the listener, each stamped with the time its media time
+        (plus ``shift``: loop offset less the pacing origin) is due on the pacer."""
+        for t, samples in pending:
+            self._emit_audio(AudioChunk(samples, pacer.due(shift + t)))
+        pending.clear()
 
 
 class _LiveSource(_PyAVSource):

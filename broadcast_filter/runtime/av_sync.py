@@ -102,6 +102,10 @@ class AudioLine:
         self._next_in: int | None = None
         self._out: int | None = None  # next output sample index (on air at _out / RATE)
         self._read_delay: int | None = None  # delay in samples the last pull read at
+        # the crossfade in progress: the delay it fades from and how many samples are done
+        # (a pull shorter than the splice continues it in the next, at the same slope)
+        self._fade_from: int | None = None
+        self._faded = 0
         #: input samples received; output samples read from missing input (silence)
         self.received = 0
         self.silent = 0
@@ -157,11 +161,17 @@ class AudioLine:
             start, n = self._out, end - self._out
             new = round(delay * RATE)
             samples = self._read(start - new, n, count=True)
-            old = self._read_delay
-            if old is not None and old != new:
-                k = min(n, self._splice)
-                fade = np.linspace(0.0, 1.0, k, dtype=np.float32)[:, None]
-                samples[:k] = self._read(start - old, k) * (1 - fade) + samples[:k] * fade
+            if self._read_delay is not None and self._read_delay != new:
+                self._fade_from, self._faded = self._read_delay, 0
+            if self._fade_from is not None:
+                k = min(n, self._splice - self._faded)
+                fade = np.arange(self._faded, self._faded + k, dtype=np.float32)[:, None]
+                fade /= max(1, self._splice - 1)
+                old = self._read(start - self._fade_from, k)
+                samples[:k] = old * (1 - fade) + samples[:k] * fade
+                self._faded += k
+                if self._faded >= self._splice:
+                    self._fade_from = None
             self._read_delay = new
             self._out = end
         return samples, start / RATE

@@ -1,0 +1,241 @@
+"""The lasting video delay and the audio delay line, on simulated time (``now`` is passed in).
+
+Input audio is a function of the absolute sample index (capture time x RATE), so every
+output sample can be checked against the exact input sample it must carry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from broadcast_filter.media.audio import RATE, AudioChunk
+from broadcast_filter.runtime.av_sync import SNAP_S, AudioLine, DelayTracker
+
+T0 = 1000.0  # a monotonic time far from zero, as on a running machine
+CHUNK = 1024  # an AAC frame
+
+
+def noise(index: np.ndarray) -> np.ndarray:
+    """A distinct, exactly representable float32 value per absolute index (two channels)."""
+    left = ((index * 2654435761) % 65536).astype(np.float32) / 65536 - np.float32(0.5)
+    return np.stack([left, -left], axis=1)
+
+
+def sine(index: np.ndarray, hz: float = 100.0, amplitude: float = 0.5) -> np.ndarray:
+    left = (amplitude * np.sin(2 * np.pi * hz * index / RATE)).astype(np.float32)
+    return np.stack([left, left], axis=1)
+
+
+def chunk(start: int, n: int = CHUNK, signal=noise, jitter: float = 0.0) -> AudioChunk:
+    """Input samples ``start .. start + n`` stamped at their capture time (plus ``jitter`` s)."""
+    return AudioChunk(signal(np.arange(start, start + n)), start / RATE + jitter)
+
+
+def tracker_at(delay: float, fps: float = 30) -> DelayTracker:
+    """A tracker holding ``delay``: the line only reads it (the tracker's own rules are
+    tested on their own below)."""
+    tracker = DelayTracker(fps)
+    tracker.delay = delay
+    return tracker
+
+
+class Run:
+    """Feeds a line with input captured up to ``now`` and pulls its output, in order."""
+
+    def __init__(self, line: AudioLine, signal=noise, start: float = T0) -> None:
+        self.line, self.signal = line, signal
+        self.next_in = round(start * RATE)
+        self.out: list[tuple[int, np.ndarray]] = []  # (first output index, samples)
+
+    def feed(self, now: float, *, missing: tuple[float, float] | None = None) -> None:
+        """Put every whole chunk captured by ``now`` (none captured within ``missing``)."""
+        while (self.next_in + CHUNK) / RATE <= now:
+            at = self.next_in / RATE
+            if missing is None or not missing[0] <= at < missing[1]:
+                self.line.put(chunk(self.next_in, signal=self.signal))
+            self.next_in += CHUNK
+
+    def pull(self, now: float, *, keep: bool = True) -> tuple[int, np.ndarray] | None:
+        """One pull, checked to follow the previous; kept for :meth:`output` (or only the
+        last, to bound memory)."""
+        if (due := self.line.pull(now)) is None:
+            return None
+        samples, at = due
+        start = round(at * RATE)
+        assert start == pytest.approx(at * RATE, abs=1e-3)  # on the sample grid
+        if self.out:  # contiguous with the previous pull
+            last, previous = self.out[-1]
+            assert start == last + len(previous)
+        self.out = [*self.out, (start, samples)] if keep else [(start, samples)]
+        return start, samples
+
+    def output(self) -> tuple[np.ndarray, np.ndarray]:
+        """Output sample indices and samples of every pull so far."""
+        first = self.out[0][0]
+        samples = np.concatenate([s for _, s in self.out])
+        return np.arange(first, first + len(samples)), samples
+
+
+def test_output_count_follows_the_wall_clock_and_carries_the_delayed_input():
+    rng = np.random.default_rng(1)
+    line = AudioLine(tracker_at(0.2))
+    run = Run(line)
+    delay, captured_from = round(0.2 * RATE), round(T0 * RATE)
+    now = T0
+    first_pull = None
+    emitted = missing = 0
+    while now < T0 + 600:  # ten minutes of irregular output ticks
+        now += rng.uniform(0.001, 0.08)
+        run.feed(now)
+        pulled = run.pull(now, keep=False)
+        first_pull = now if first_pull is None else first_pull
+        if pulled is None:
+            continue
+        start, samples = pulled
+        # each output sample is the input sample captured exactly one delay earlier
+        source = np.arange(start, start + len(samples)) - delay
+        captured = source >= captured_from
+        np.testing.assert_array_equal(samples[captured], noise(source[captured]))
+        assert not samples[~captured].any()
+        emitted += len(samples)
+        missing += int((~captured).sum())
+    # no drift: everything between the first pull and the last, within the flooring of both
+    assert first_pull is not None and abs(emitted - (now - first_pull) * RATE) <= 1
+    assert 0 < missing < 0.3 * RATE  # the line started before any input was captured
+    assert line.silent == missing and line.skipped == 0
+
+
+def test_missing_input_is_silence_and_counted():
+    line = AudioLine(tracker_at(0.1))
+    run = Run(line)
+    now = T0
+    while now < T0 + 5:
+        now += 0.02
+        run.feed(now, missing=(T0 + 2, T0 + 3))
+        run.pull(now)
+    index, samples = run.output()
+    source = index - round(0.1 * RATE)
+    chunk_at = (source - round(T0 * RATE)) // CHUNK * CHUNK + round(T0 * RATE)
+    lost = (source < round(T0 * RATE)) | (
+        (chunk_at >= (T0 + 2) * RATE) & (chunk_at < (T0 + 3) * RATE)
+    )
+    assert lost.sum() > RATE * 0.99  # the second that was never captured went out as silence
+    assert not samples[lost].any()
+    np.testing.assert_array_equal(samples[~lost], noise(source[~lost]))
+    assert line.silent == int(lost.sum())
+
+
+@pytest.mark.parametrize("tick", [0.033, 0.002], ids=["30fps", "2ms"])
+def test_a_delay_change_is_one_crossfaded_splice(tick):
+    """The read position jumps once, from the old delay to the new, through a crossfade as
+    long as ``splice_s`` whatever the pull sizes. A 100 Hz sine with a jump that is no whole
+    number of periods: a hard splice would step by ~0.8; the crossfade may step by no more
+    than the sine's own largest step plus the fade's (2 x amplitude over the splice)."""
+    old, new = 0.2, 0.2371  # 9600 -> 11381 samples: 3.71 periods further back
+    tracker = tracker_at(old)
+    line = AudioLine(tracker, splice_s=0.01)
+    run = Run(line, signal=sine)
+    now = T0
+    changed_at = None
+    while now < T0 + 3:
+        now += tick
+        run.feed(now)
+        if now >= T0 + 1.5 and changed_at is None:
+            tracker.delay = new  # a lasting change
+            changed_at = run.out[-1][0] + len(run.out[-1][1])  # first sample read at `new`
+        run.pull(now)
+    index, samples = run.output()
+    splice = round(0.01 * RATE)
+    before = (index < changed_at) & (index - round(old * RATE) >= round(T0 * RATE))
+    after = index >= changed_at + splice
+    d_old, d_new = round(old * RATE), round(new * RATE)
+    np.testing.assert_array_equal(samples[before], sine(index[before] - d_old))
+    np.testing.assert_array_equal(samples[after], sine(index[after] - d_new))  # read at `new`
+    # one splice, `splice` samples long: from the old read position to the new
+    fade = (index >= changed_at) & ~after
+    assert fade.sum() == splice
+    assert samples[fade][0] == pytest.approx(sine(index[fade][:1] - d_old)[0])
+    assert samples[fade][-1] == pytest.approx(sine(index[fade][-1:] - d_new)[0])
+    window = (index >= changed_at - 100) & (index < changed_at + splice + 100)
+    steps = np.abs(np.diff(samples[window, 0]))
+    own = np.abs(np.diff(sine(np.arange(RATE))[:, 0])).max()
+    hard = np.abs(
+        sine(np.array([changed_at - d_new]))[0, 0] - sine(np.array([changed_at - d_old]))[0, 0]
+    )
+    assert hard > 10 * own  # the splice is where a click would be
+    assert steps.max() <= own + 2 * 0.5 / (splice - 1) + 1e-6, (steps.max(), own)
+    assert line.silent == int((index - d_old < round(T0 * RATE)).sum())
+
+
+def test_delay_tracker_ignores_outliers_and_jitter_and_follows_a_lasting_change():
+    """The delay aims at the middle of the recent latencies' spread (one stray frame at each
+    end left out) plus LATE_BIAS, and moves only by more than the tolerance."""
+    rng = np.random.default_rng(2)
+    bias = DelayTracker.LATE_BIAS
+
+    def jittered(base: float) -> float:
+        return base + rng.uniform(-0.012, 0.012)
+
+    tracker = DelayTracker(30)  # tolerance: one frame interval, at most 30 ms
+    assert tracker.tolerance == pytest.approx(0.03)
+    assert tracker.observe(0.15)  # the first latency is the first delay
+    assert tracker.delay == pytest.approx(0.15 + bias)
+    for _ in range(14):  # the first window: it follows freely
+        tracker.observe(jittered(0.15))
+    settled = tracker.delay
+    assert settled == pytest.approx(0.15 + bias, abs=0.012)
+    for _ in range(50):  # +-12 ms of jitter is within the tolerance
+        assert not tracker.observe(jittered(0.15))
+    assert tracker.delay == settled and tracker.changes == 0
+    for spike in (0.9, 0.0, 0.5):  # single late/early frames, a window apart
+        assert not tracker.observe(spike)
+        for _ in range(15):
+            assert not tracker.observe(jittered(0.15))
+    assert tracker.delay == settled and tracker.changes == 0
+    changed = [tracker.observe(jittered(0.30)) for _ in range(15)]
+    print(f"changed at {[i for i, c in enumerate(changed) if c]}")
+    assert 1 <= changed.count(True) <= 3 and changed.index(True) <= 2  # in a few steps
+    assert tracker.delay == pytest.approx(0.30 + bias, abs=0.012)
+    assert tracker.changes == changed.count(True)
+    assert DelayTracker(60).tolerance == pytest.approx(1 / 60)
+
+
+def test_delay_tracker_aims_at_the_middle_of_a_spread():
+    """Frames that wait 0 or 1 output tick (passthrough at the input's rate): the delay sits
+    between the two, so both are within broadcast tolerance (-40 ms .. +60 ms)."""
+    tracker = DelayTracker(15)
+    for i in range(30):
+        tracker.observe(0.010 if i % 2 else 0.010 + 1 / 15)
+    offsets = [tracker.delay - latency for latency in (0.010, 0.010 + 1 / 15)]
+    assert all(-0.040 <= o <= 0.060 for o in offsets), offsets
+
+
+def test_jittered_stamps_are_placed_contiguously():
+    rng = np.random.default_rng(3)
+    line = AudioLine(tracker_at(0.1))
+    start = round(T0 * RATE)
+    line.put(chunk(start))  # the first chunk sets where the stream sits
+    for i in range(1, 81):
+        line.put(chunk(start + i * CHUNK, jitter=rng.uniform(-0.95, 0.95) * SNAP_S))
+    assert line.received == 81 * CHUNK
+    # output starts where the first input sample is due (times mid-sample: floor is exact)
+    line.pull((start + round(0.1 * RATE) + 0.5) / RATE + line.margin)
+    samples, at = line.pull((start + round(0.1 * RATE) + 80 * CHUNK + 0.5) / RATE + line.margin)
+    assert round(at * RATE) == start + round(0.1 * RATE)
+    np.testing.assert_array_equal(samples, noise(np.arange(start, start + 80 * CHUNK)))
+    assert line.silent == 0
+
+
+def test_a_stamp_further_off_than_the_snap_is_taken_as_it_is():
+    line = AudioLine(tracker_at(0.0), margin=0.0)
+    start = round(T0 * RATE)
+    line.put(chunk(start))
+    late = round(0.01 * RATE)  # 10 ms: a real gap in the input, not jitter
+    line.put(chunk(start + CHUNK, jitter=late / RATE))
+    line.pull((start + 0.5) / RATE)
+    samples, _ = line.pull((start + 2 * CHUNK + late + 0.5) / RATE)
+    assert line.silent == late and not samples[CHUNK : CHUNK + late].any()
+    np.testing.assert_array_equal(
+        samples[CHUNK + late :], noise(np.arange(start + CHUNK, start + 2 * CHUNK))
+    )
