@@ -128,9 +128,9 @@ def wait_for_listener(daemon) -> None:
              daemon.stats()["fields"].get("source", ""), 60)  # fmt: skip
 
 
-def test_rtmp_in_styled_then_passthrough_in_sync_on_udp_and_nginx(tmp_path):
-    """RTMP (listener) in; UDP/MPEG-TS and RTMP (nginx) out; styled, then a switch to
-    passthrough (the delay falls from a model call to a few ms) mid-run."""
+def test_rtmp_in_styled_then_passthrough_in_sync_on_udp_nginx_and_mp4(tmp_path):
+    """RTMP (listener) in; UDP/MPEG-TS, RTMP (nginx) and an MP4 recording out; styled, then
+    a switch to passthrough (the delay falls from a model call to a few ms) mid-run."""
     if missing := peers.nginx_missing():
         pytest.skip(missing)
     port, udp_port = peers.free_port(), peers.free_port(socket.SOCK_DGRAM)
@@ -138,13 +138,15 @@ def test_rtmp_in_styled_then_passthrough_in_sync_on_udp_and_nginx(tmp_path):
     udp = f"udp://127.0.0.1:{udp_port}"
     seconds = 24.0
     with peers.Nginx() as nginx:
-        config = demo_config(tmp_path, f"{url}?listen=1", [udp, nginx.url("out")], "sepia")
+        sinks = [udp, nginx.url("out"), str(tmp_path / "mp4.mp4")]
+        config = demo_config(tmp_path, f"{url}?listen=1", sinks, "sepia")
         with running(config) as (daemon, _, _lines):
             wait_for_listener(daemon)
             udp_in = f"{udp}?fifo_size=100000&overrun_nonfatal=1"
             recorders = {"udp": (time.monotonic(), record(udp_in, tmp_path / "udp.ts", seconds))}
             publisher = publish(url, "flv", seconds + 6)
             wait_for("audio through the daemon", lambda: daemon.audio.received > 0, 30)
+            recorders["mp4"] = (time.monotonic(), None)  # the recording starts with the stream
             nginx_rec = record(nginx.url("out"), tmp_path / "nginx.ts", seconds - 2)
             recorders["nginx"] = (time.monotonic(), nginx_rec)
             time.sleep(seconds / 2 - 1)  # half styled ...
@@ -162,13 +164,13 @@ def test_rtmp_in_styled_then_passthrough_in_sync_on_udp_and_nginx(tmp_path):
                   f"{time.monotonic() - switched:.2f} s after the switch")  # fmt: skip
             settled = time.monotonic()
             for _, recorder in recorders.values():
-                assert recorder.wait(seconds + 20) == 0, recorder.stderr.read()
+                assert recorder is None or recorder.wait(seconds + 20) == 0, recorder.stderr.read()
             peers.stop(publisher)
             print("status:", daemon.status_text(time.monotonic()))
     for name, (started, _) in recorders.items():
         # stream time 0 is about when the recorder started (it reads from the first packet);
         # pairs from a second after the delay settled on passthrough are passthrough's
-        reading = sync_pattern.measure(str(tmp_path / f"{name}.ts"))
+        reading = sync_pattern.measure(str(tmp_path / f"{name}.{'mp4' if name == 'mp4' else 'ts'}"))
         check(reading, name, styled_until=settled - started + 1.0)
 
 
