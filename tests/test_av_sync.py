@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from broadcast_filter.media.audio import RATE, AudioChunk
-from broadcast_filter.runtime.av_sync import SNAP_S, AudioLine, DelayTracker
+from broadcast_filter.runtime.av_sync import SNAP_S, AudioLine, DelayTracker, SkippedInput
 
 T0 = 1000.0  # a monotonic time far from zero, as on a running machine
 CHUNK = 1024  # an AAC frame
@@ -239,3 +239,30 @@ def test_a_stamp_further_off_than_the_snap_is_taken_as_it_is():
     np.testing.assert_array_equal(
         samples[CHUNK + late :], noise(np.arange(start + CHUNK, start + 2 * CHUNK))
     )
+
+
+def test_a_model_slower_than_the_input_moves_the_delay_by_half_what_it_skips():
+    """Input at 15 fps, the model takes every other frame: an event in the skipped frame
+    shows up a frame late, in the taken one on time, so the delay sits half a frame later
+    than the frames' own latency and the two cases are early and late by the same amount."""
+    f = 1 / 15
+    skipped = SkippedInput()
+    tracker = DelayTracker(15)
+    latency = 0.120
+    for i in range(60):
+        skipped.captured(T0 + i * f)
+        if i % 2 == 0:  # the model takes frames 0, 2, 4 ...
+            gap = skipped.shown(T0 + i * f)
+            assert gap == (0.0 if i == 0 else pytest.approx(f))
+            tracker.observe(latency, gap)
+    assert tracker.delay == pytest.approx(latency + f / 2 + DelayTracker.LATE_BIAS)
+    # an event at a taken frame: audio late by f/2 (+ bias); at a skipped one: early by f/2
+    late, early = tracker.delay - latency, tracker.delay - (latency + f)
+    assert late == pytest.approx(f / 2 + DelayTracker.LATE_BIAS)
+    assert early == pytest.approx(-f / 2 + DelayTracker.LATE_BIAS)
+    # passthrough: every frame taken, nothing skipped; a break (lost source) is not a gap
+    for i in (60, 61):
+        skipped.captured(T0 + i * f)
+    skipped.shown(T0 + 60 * f)
+    assert skipped.shown(T0 + 61 * f) == pytest.approx(0.0, abs=1e-9)
+    assert skipped.shown(T0 + 61 * f + 5.0) == 0.0

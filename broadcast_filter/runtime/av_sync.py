@@ -5,6 +5,10 @@ was captured (model time plus pacing). :class:`DelayTracker` turns those latenci
 *lasting* delay: the middle of the recent ones' spread (it follows them freely while the
 first window fills), changed only when it moves by more than the tolerance (one frame
 interval, at most 30 ms), so the audio is not pulled about by the jitter of single frames.
+A model slower than the source takes only some frames: an event (a clap, a flash) shows up
+with the next frame it takes, on average half the skipped span later than it happened
+(:class:`SkippedInput`), and the delay includes that half, so the sound is as often a
+little early as a little late instead of always early.
 
 :class:`AudioLine` holds the source's audio on its capture clock and emits it on a
 continuous output timeline: output sample ``j`` goes on air at wall time ``j / RATE``
@@ -21,6 +25,7 @@ its ``at`` time, so this adds no offset.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 from collections import deque
 
@@ -33,6 +38,8 @@ from broadcast_filter.media.audio import CHANNELS, RATE, AudioChunk
 SNAP_S = 0.004
 #: most audio one pull emits: a longer output stall skips ahead (counted) instead
 MAX_PULL_S = 2.0
+#: capture times further apart than this are a break (a lost source), not frame spacing
+MAX_GAP_S = 1.0
 
 
 class DelayTracker:
@@ -61,9 +68,11 @@ class DelayTracker:
         trim = 1 if len(ordered) >= 4 else 0
         return (ordered[trim] + ordered[-1 - trim]) / 2 + self.LATE_BIAS
 
-    def observe(self, latency: float) -> bool:
-        """Take one fresh frame's latency; True when the lasting delay changed."""
-        self._recent.append(latency)
+    def observe(self, latency: float, skipped: float = 0.0) -> bool:
+        """Take one fresh frame's latency, and how much input the model skipped before it
+        (:class:`SkippedInput`): an event in the skipped frames shows up with this frame, on
+        average half that late, so the sound aims there too; True when the delay changed."""
+        self._recent.append(latency + skipped / 2)
         target = self.target()
         if self.delay is None or len(self._recent) < (self._recent.maxlen or 0):
             changed = target != self.delay
@@ -74,6 +83,34 @@ class DelayTracker:
             self.changes += 1
             return True
         return False
+
+
+class SkippedInput:
+    """How much input a model slower than the source skips between two pictures.
+
+    The input frame interval is the median of the recent captured frames' spacing; a fresh
+    picture that comes ``gap`` after the previous one's capture skipped ``gap - interval``
+    (0 in passthrough, one frame interval when the model takes every other frame).
+    """
+
+    def __init__(self, window: int = 15) -> None:
+        self._spacing: deque[float] = deque(maxlen=window)
+        self._last_in: float | None = None
+        self._last_out: float | None = None
+
+    def captured(self, captured_at: float) -> None:
+        """A frame entered the daemon (the ingest thread)."""
+        if self._last_in is not None and 0 < captured_at - self._last_in < MAX_GAP_S:
+            self._spacing.append(captured_at - self._last_in)
+        self._last_in = captured_at
+
+    def shown(self, captured_at: float) -> float:
+        """A fresh picture of this capture time went out: the input skipped before it (s)."""
+        last, self._last_out = self._last_out, captured_at
+        spacing = list(self._spacing)
+        if last is None or not spacing or not 0 < captured_at - last < MAX_GAP_S:
+            return 0.0
+        return max(0.0, captured_at - last - statistics.median(spacing))
 
 
 class AudioLine:

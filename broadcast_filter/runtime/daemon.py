@@ -29,7 +29,7 @@ import numpy as np
 from broadcast_filter.control.config import ConfigError
 from broadcast_filter.media.audio import RATE
 from broadcast_filter.media.base import Frame, Sink, Source, SourceLost
-from broadcast_filter.runtime.av_sync import AudioLine, DelayTracker
+from broadcast_filter.runtime.av_sync import AudioLine, DelayTracker, SkippedInput
 from broadcast_filter.runtime.controller import Controller, Result
 from broadcast_filter.runtime.on_air import Switcher
 from broadcast_filter.runtime.pacing import PaceState, pace
@@ -103,6 +103,7 @@ class Daemon:
         self._last_out_at: float | None = None
         #: the lasting video delay (capture to sink), from every fresh picture sent
         self.delay = DelayTracker(fps)
+        self._skipped = SkippedInput()
         self.audio: AudioLine | None = None
         self._audio_said = "none"
         if source.carries_audio and any(s.audio for _, s in sinks):
@@ -306,6 +307,7 @@ class Daemon:
                         self.status.log("source is back")
                         self.controller.source_changed()
                     self.input.put(frame)
+                    self._skipped.captured(frame.captured_at)
                     self._last_input_at = time.monotonic()
                     self.telemetry.frame_in(self._last_input_at, self.input.dropped)
                     if self._stop.is_set():
@@ -386,7 +388,7 @@ class Daemon:
             latency = now - picture.captured_at if fresh else None
             self.telemetry.frame_out(now, latency)
             if latency is not None:
-                self.delay.observe(latency)
+                self.delay.observe(latency, self._skipped.shown(picture.captured_at))
             self._send_audio(now)
             self._last_out_at = now
             last = picture.key
