@@ -31,9 +31,10 @@ per round for all, :func:`~broadcast_filter.diffusion.batch.drive_together`) and
 With ``--demo CONFIG`` the demo is measured as configured: the config's model (its dtype,
 acceleration), resolution and presets folder, each model preset through the engine as the
 daemon runs it, offline on a moving test pattern (``testsrc``, one new frame per call), once as
-the preset is written and once with its ``temporal:`` section off (and with each of
-:data:`DEMO_TEMPORAL` in place of it), round-robin. SSF is off, so every frame runs the model
-(SSF only ever saves frames); the figures are model frames per second.
+the preset is written and once with its ``temporal:`` section off, round-robin. SSF is off, so
+every frame runs the model (SSF only ever saves frames); the figures are model frames per
+second. It runs on the main thread, where the daemon runs its engine on a thread of its own
+(docs/benchmarks.md, issue 11: on a 2-core CPU that thread is slower).
 """
 
 from __future__ import annotations

@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="demo", help="model id (default: the shipped demo)")
     parser.add_argument("--frames", type=int, default=24, help="frames per video")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", default="auto", help="model.dtype (auto: as the demo runs)")
+    parser.add_argument("--dtype", default="float32", help="model.dtype (the demo's: float32)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--temporal", action="store_true", help="off vs each temporal technique, side by side"
