@@ -16,6 +16,7 @@ Ratios printed (>1 means the first named is faster):
     python scripts/bench_pipeline.py --json --models tiny --size 64
     python scripts/bench_pipeline.py --temporal --models sd-turbo-arch:256   # issue 13's cost
     python scripts/bench_pipeline.py --streams 1 2 4       # several streams, batched or not
+    python scripts/bench_pipeline.py --demo configs/demo.yaml --rounds 60   # the demo as shipped
 
 With ``--temporal`` the variants are cfg "self" with each temporal technique off / on
 (:data:`TEMPORAL`), the ratios are each variant's frame time over off's, and the memory the
@@ -26,25 +27,39 @@ With ``--streams N...`` the variants are, for each N, N streams on one model (ea
 pipeline, prompt and seed; 2 levels, cfg self, Stream Batch) run ``batched`` (one UNet call
 per round for all, :func:`~broadcast_filter.diffusion.batch.drive_together`) and
 ``one_by_one`` (each stream's frame on its own); aggregate fps counts every stream's frames.
+
+With ``--demo CONFIG`` the demo is measured as configured: the config's model (its dtype,
+acceleration), resolution and presets folder, each model preset through the engine as the
+daemon runs it, offline on a moving test pattern (``testsrc``, one new frame per call), once as
+the preset is written and once with its ``temporal:`` section off, round-robin. SSF is off, so
+every frame runs the model (SSF only ever saves frames); the figures are model frames per
+second. It runs on the main thread, where the daemon runs its engine on a thread of its own
+(docs/benchmarks.md, issue 11: on a 2-core CPU that thread is slower).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderTiny, AutoPipelineForImage2Image, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
+from broadcast_filter.control.config import load_config
+from broadcast_filter.control.presets import SsfSettings, load_preset
 from broadcast_filter.diffusion.batch import drive_together
+from broadcast_filter.diffusion.demo_data import lavfi_frames
 from broadcast_filter.diffusion.models import ModelBundle, load_models
 from broadcast_filter.diffusion.spec import ModelSpec
 from broadcast_filter.diffusion.stream import StreamConfig, StreamPipeline
 from broadcast_filter.diffusion.temporal_settings import TemporalSettings
+from broadcast_filter.runtime.engine import Engine, load_bundle, load_engine
 
 PROMPT = "an oil painting of a face, warm light"
 #: ``--temporal`` variants.
@@ -234,6 +249,51 @@ def bench_streams(spec: ModelSpec, size: int, rounds: int, counts: list[int]) ->
     }
 
 
+def bench_demo(path: Path, rounds: int, dtype: str | None) -> dict:
+    """The demo of config ``path`` as configured (``dtype``: override the model's), each
+    model preset as written and with ``temporal:`` off, round-robin on a moving pattern."""
+    config = load_config(path)
+    spec = config.model if dtype is None else dataclasses.replace(config.model, dtype=dtype)
+    width, height = config.resolution
+    if width != height:
+        raise SystemExit(f"--demo measures square resolutions; {path} has {width}x{height}")
+    warm = 8  # frames that prime Stream Batch and the temporal state, not timed
+    frames = lavfi_frames(f"testsrc=size={width}x{width}:rate={config.fps:g}", warm + rounds, width)
+    frames = (frames * 255 + 0.5).astype("uint8")
+    models = load_bundle(spec, progress=True)
+    engines: dict[str, Engine] = {}
+    levels: dict[str, list[int]] = {}
+    for file in sorted(config.presets_folder.glob("*.y*ml")):
+        preset = dataclasses.replace(load_preset(file), ssf=SsfSettings(enabled=False))
+        if preset.bypass:
+            continue
+        levels[preset.name] = list(preset.t_index_list)
+        off = dataclasses.replace(preset, temporal=TemporalSettings())
+        for variant, p in (("as configured", preset), ("temporal off", off)):
+            engines[f"{preset.name}: {variant}"] = load_engine(
+                spec, width, height, p, progress=False, models=models
+            )
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for i, frame in enumerate(frames):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.process(frame, i / config.fps)
+            if i >= warm:
+                times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        **run_info(models, width, (), rounds),
+        "config": str(path),
+        "start_preset": config.presets.start,
+        "levels": levels,
+        "fps": {k: round(1 / v, 2) for k, v in seconds.items()},
+        "configured_vs_off": {
+            p: round(seconds[f"{p}: temporal off"] / seconds[f"{p}: as configured"], 3)
+            for p in levels
+        },
+    }
+
+
 def print_streams(result: dict) -> None:
     print(
         f"\n{result['model']}  {result['size']}  levels={result['levels']}  "
@@ -245,6 +305,18 @@ def print_streams(result: dict) -> None:
         print(f"  {name:<14} {fps:9.3f} fps aggregate  {one:8.3f} per stream")
     for n, ratio in result["batched_speedup"].items():
         print(f"  {n} streams: batched x{ratio:.3f} of one by one")
+
+
+def print_demo(result: dict) -> None:
+    print(
+        f"\n{result['config']}: {result['model']}  {result['size']}  "
+        f"{result['device']}/{result['dtype']}  threads={result['threads']}  "
+        f"rounds={result['rounds']}  SSF off"
+    )
+    for name, fps in result["fps"].items():
+        print(f"  {name:<36} {fps:7.2f} fps")
+    for preset, ratio in result["configured_vs_off"].items():
+        print(f"  {preset}: as configured x{ratio:.3f} of temporal off's speed")
 
 
 def print_temporal(result: dict) -> None:
@@ -293,20 +365,30 @@ def main() -> None:
     parser.add_argument("--taesd", help='tiny autoencoder for every model (e.g. "tiny")')
     parser.add_argument(
         "--dtype",
-        default="float32",
-        help="model.dtype (docs/benchmarks.md's figures are float32; auto may pick bfloat16)",
+        help="model.dtype (default float32, as docs/benchmarks.md's figures; auto may pick "
+        "bfloat16; with --demo the config's own)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="one JSON object per model")
     parser.add_argument("--temporal", action="store_true", help="temporal techniques vs off")
     parser.add_argument("--streams", type=int, nargs="+", help="stream counts, batched vs not")
+    parser.add_argument(
+        "--demo", type=Path, metavar="CONFIG", help="a daemon config's presets as configured"
+    )
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()  # custom-timestep notices from the diffusers side
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.demo:
+        result = bench_demo(args.demo, args.rounds, args.dtype)
+        print(json.dumps(result) if args.json else "", flush=True)
+        print_demo(result)
+        return
     for entry in args.models:
         model, _, size = entry.partition(":")
-        spec = ModelSpec(id=model, taesd=args.taesd, device=args.device, dtype=args.dtype)
+        spec = ModelSpec(
+            id=model, taesd=args.taesd, device=args.device, dtype=args.dtype or "float32"
+        )
         shape = (spec, args.size or int(size or 512), args.rounds)
         if args.streams:
             result, show = bench_streams(*shape, args.streams), print_streams

@@ -3,6 +3,7 @@
     python scripts/bench_quality.py                       # table + JSON, contact sheet in docs/
     python scripts/bench_quality.py --frames 24 --json out.json --sheet sheet.png
     python scripts/bench_quality.py --temporal             # off vs each temporal technique
+    python scripts/bench_quality.py --autoencoder          # only the autoencoder, per kind
 
 Synthetic videos made here, each with exactly known motion:
 
@@ -74,6 +75,7 @@ VARIANTS = {
     "feedback 0.3": TemporalSettings(feedback=0.3),
     "flow 0.5": TemporalSettings(flow_blend=0.5),
     "flow 0.7": TemporalSettings(flow_blend=0.7),
+    "flow 0.7 @64": TemporalSettings(flow_blend=0.7, flow_size=64),
     "cache 2": TemporalSettings(cache_frames=2),
     "fb 0.15 + flow 0.7": TemporalSettings(feedback=0.15, flow_blend=0.7),
     "all (0.15, 0.7, 2)": TemporalSettings(feedback=0.15, flow_blend=0.7, cache_frames=2),
@@ -192,7 +194,7 @@ def autoencoder_psnr(engine: Engine, per_kind: int = 8) -> dict[str, float]:
         images = np.stack(images_of_kind(kind, per_kind, rng, SIZE)).astype(np.float32)
         x = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
         with torch.no_grad():
-            y = vae.decode(vae.encode(x).latents).sample.clamp(-1, 1)
+            y = vae.decode(vae.encode(x.to(vae.dtype)).latents).sample.float().clamp(-1, 1)
         mse = ((y - x) ** 2).mean(dim=(1, 2, 3))
         scores[kind] = float((10 * torch.log10(4 / mse)).mean())
     scores["all"] = float(np.mean(list(scores.values())))
@@ -287,14 +289,18 @@ def print_table(results: dict) -> None:
             )
 
 
-def measure_temporal(engine: Engine, presets: dict[str, Preset], videos: list[Video]) -> dict:
-    """:func:`measure` per :data:`VARIANTS` entry, averaged over the styles, with the cut
-    trace: max |first output after the cut - off's output for that frame| (0..255)."""
+def measure_temporal(
+    engine: Engine, presets: dict[str, Preset], videos: list[Video], variants: list[str]
+) -> dict:
+    """:func:`measure` per entry of :data:`VARIANTS` named in ``variants`` (and off),
+    averaged over the styles, with the cut trace: max |first output after the cut - off's
+    output for that frame| (0..255)."""
     cut = next(v for v in videos if v.name == "cut")
     first_new = next(i for i, s in enumerate(cut.shifts) if s is None and i > 0)
     table: dict = {}
     off_outputs: dict = {}
-    for name, temporal in VARIANTS.items():
+    for name in ["off", *(v for v in variants if v != "off")]:
+        temporal = VARIANTS[name]
         variant = {s: dataclasses.replace(p, temporal=temporal) for s, p in presets.items()}
         outputs: dict = {}
         started = time.perf_counter()
@@ -358,9 +364,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="demo", help="model id (default: the shipped demo)")
     parser.add_argument("--frames", type=int, default=24, help="frames per video")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", help="model.dtype (the demo's: float32)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--temporal", action="store_true", help="off vs each temporal technique, side by side"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        metavar="NAME",
+        help="with --temporal: these variants only (off is always measured)",
+    )
+    parser.add_argument(
+        "--autoencoder", action="store_true", help="only the autoencoder's PSNR per kind"
     )
     parser.add_argument(
         "--sheet", type=Path, default=ROOT / "docs" / "demo_contact_sheet.png", help="PNG path"
@@ -371,16 +389,21 @@ def main(argv: list[str] | None = None) -> int:
     from broadcast_filter.runtime.engine import load_engine
 
     started = time.perf_counter()
-    spec = ModelSpec(id=args.model, taesd=args.model, device="cpu")
+    spec = ModelSpec(id=args.model, taesd=args.model, device="cpu", dtype=args.dtype)
     by_prompt = {p.prompt: p for p in map(load_preset, sorted(PRESETS.glob("*.yaml")))}
     presets = {  # style prompt -> its preset, SSF off and no crossfade
         style: dataclasses.replace(by_prompt[style], ssf=SsfSettings(enabled=False), transition=0)
         for style in STYLES
     }
     engine = load_engine(spec, SIZE, SIZE, next(iter(presets.values())), progress=False)
+    if args.autoencoder:
+        scores = autoencoder_psnr(engine)
+        print(f"autoencoder PSNR on held-out pictures ({args.model}, {engine.pipe.dtype}):")
+        print("\n".join(f"  {kind:<10} {db:5.1f} dB" for kind, db in scores.items()))
+        return 0
     videos = make_videos(args.frames)
     if args.temporal:
-        results = {"temporal": measure_temporal(engine, presets, videos)}
+        results = {"temporal": measure_temporal(engine, presets, videos, args.variants)}
         results["seconds"] = round(time.perf_counter() - started, 1)
         results["command"] = "python scripts/bench_quality.py " + " ".join(argv or sys.argv[1:])
         print_temporal(results["temporal"])

@@ -216,8 +216,9 @@ def test_the_daemon_logs_the_choice_when_it_loads(monkeypatch, model_cache, tmp_
 # ------------------------------------------------------------------- doctor
 
 
-def test_doctor_names_the_choice_for_the_demo_config() -> None:
-    config = load_config(ROOT / "configs" / "demo.yaml")
+def test_doctor_names_the_choice_for_the_demo_config_on_auto() -> None:
+    config = load_config(ROOT / "configs" / "demo.yaml")  # it pins float32; auto is under test
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="auto"))
     out: list[str] = []
     assert run_checks(config, out=out.append) == 0
     [line] = [line for line in out if "dtype" in line]

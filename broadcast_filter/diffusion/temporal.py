@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from broadcast_filter.diffusion.temporal_settings import TemporalSettings
 
 _THUMB = 32  # cut detection works on 32x32 luma copies
-_FLOW_MAX = 128  # the flow is estimated at most this wide/high
 _RADIUS = 4  # block-matching search radius at the flow's resolution
 _WINDOW = 7  # block size of the matching cost
 _CONTEXT = 31  # a wider block that decides where the small one is ambiguous (flat regions)
@@ -65,24 +64,31 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(same_level, corr, torch.zeros_like(corr))
 
 
-def flow_scale(height: int, width: int) -> int:
-    """Downscaling factor of the flow estimate for a frame size."""
-    return max(1, -(-max(height, width) // _FLOW_MAX))
+def flow_scale(height: int, width: int, size: int) -> int:
+    """Downscaling factor of the flow estimate for a frame size, so that the estimate is at
+    most ``size`` wide and high (``TemporalSettings.flow_size``)."""
+    return max(1, -(-max(height, width) // size))
+
+
+def _box_sum(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Sum over a ``size`` window around each position along ``dim``, the window cut at the
+    ends (a running sum: the cost does not grow with ``size``)."""
+    n, half = x.shape[dim], size // 2
+    # zeros before and after: table[j] sums x[: j - half], so window i is table[i + size] - table[i]
+    table = F.pad(x, [0, 0] * (x.ndim - 1 - dim % x.ndim) + [half + 1, half]).cumsum(dim)
+    return table.narrow(dim, size, n) - table.narrow(dim, 0, n)
 
 
 def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     """Mean over a ``size`` x ``size`` window around each pixel of ``(N, C, H, W)``, the
-    window cut at the borders (summed-area table: the cost does not grow with ``size``)."""
+    window cut at the borders (separable running sums: the cost does not grow with ``size``)."""
     half = size // 2
     h, w = x.shape[-2:]
-    table = F.pad(x.float().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    total = _box_sum(_box_sum(x.float(), size, -1), size, -2)
     ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    y0, y1 = (ys - half).clamp(0, h), (ys + half + 1).clamp(0, h)
-    x0, x1 = (xs - half).clamp(0, w), (xs + half + 1).clamp(0, w)
-    rows1, rows0 = table[..., y1, :], table[..., y0, :]
-    total = rows1[..., x1] - rows1[..., x0] - rows0[..., x1] + rows0[..., x0]
-    count = (y1 - y0).view(-1, 1) * (x1 - x0).view(1, -1)
-    return (total / count).to(x.dtype)
+    rows = (ys + half + 1).clamp(max=h) - (ys - half).clamp(min=0)
+    cols = (xs + half + 1).clamp(max=w) - (xs - half).clamp(min=0)
+    return (total / (rows.view(-1, 1) * cols.view(1, -1))).to(x.dtype)
 
 
 def estimate_flow(prev: torch.Tensor, cur: torch.Tensor, scale: int) -> torch.Tensor:
@@ -338,7 +344,8 @@ class TemporalState:
         if alpha > 0 and ready and self.continues(lag):
             before, after = self._inputs[-(lag + 2)], self._inputs[-(lag + 1)]
             height, width = output.shape[-2:]
-            flow = estimate_flow(before, after, flow_scale(height, width))
+            scale = flow_scale(height, width, self.settings.flow_size)
+            flow = estimate_flow(before, after, scale)
             moved, valid = warp(self.prev_output.to(output.dtype), flow.to(output.dtype))
             output = torch.lerp(output, moved, alpha * valid)
         self.prev_output = output if alpha > 0 else None

@@ -23,6 +23,9 @@ class TemporalSettings:
     flow_blend: float = setting(
         0.0, lo=0, hi=0.9, help="previous output, moved by the input's motion, blended in"
     )
+    flow_size: int = setting(
+        128, lo=16, hi=1024, help="the motion for flow_blend is estimated at most this wide/high"
+    )
     cache_frames: int = setting(
         0, lo=0, hi=4, help="earlier frames the UNet's self-attention also attends to"
     )
