@@ -596,6 +596,12 @@ class DaemonConfig:
     streams: tuple[StreamSettings, ...] = setting(
         (), help="several streams on one model", check=Items(schema_of(StreamSettings), 1)
     )
+    cpu_threads: int = setting(
+        0,
+        lo=0,
+        hi=1024,
+        help="torch threads when the model runs on the CPU; 0: every core but one",
+    )
     batch_window_ms: float = setting(
         5.0, lo=0, hi=100, help="how long a stream's model call waits for the others'"
     )

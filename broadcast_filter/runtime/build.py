@@ -8,10 +8,13 @@ everything here takes its parsed objects as they are.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from broadcast_filter.control import obs_bridge
 from broadcast_filter.control.api import ApiServer
@@ -66,6 +69,18 @@ def open_sinks(
             sink.close()
         raise
     return opened
+
+
+def use_cpu_threads(threads: int, log: Callable[[str], None]) -> Callable[[], None]:
+    """Give torch ``threads`` CPU threads (0: every core but one) while the daemon runs;
+    returns what puts the previous count back. The core left over decodes, encodes and
+    paces: on 2 cores, one torch thread styles the demo 1.4x faster than two, which fight
+    the I/O threads for the second core (docs/benchmarks.md, issue 11)."""
+    before = torch.get_num_threads()
+    chosen = threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(chosen)
+    log(f"model on the CPU: {chosen} torch thread{'s' if chosen != 1 else ''}")
+    return lambda: torch.set_num_threads(before)
 
 
 def start_preset(config: DaemonConfig, library: PresetLibrary, name: str | None) -> Preset:
@@ -177,6 +192,9 @@ def build_daemon(
         reopen_sink=reopen,
         name=config.name,
     )
+    if engine.pipe.device.type == "cpu":
+        restore = use_cpu_threads(config.cpu_threads, status.log)
+        daemon.on_stop.append(restore)
     if getattr(source, "state", None) is not None:  # network and NDI sources say how they are
         daemon.status_fields["source"] = lambda: source.state
     daemon.status_fields["config"] = config_watch(config.path, status.log)
