@@ -571,14 +571,10 @@ def _find_ndi(ndi, finder, name: str, deadline: float):
     return None
 
 
-def ndi_recv_av(name: str, *, seconds: float, idle: float, connected: str | None = None) -> dict:
+def ndi_recv_av(name: str, *, seconds: float, idle: float) -> dict:
     """Receive an NDI source on ndi-python alone for up to ``seconds`` (until ``idle`` s
     without frames once some came): every video frame's timecode, timestamp and whether it
-    is a flash; every audio frame's format and times, and the beep onsets as timecodes.
-    The file ``connected``, when given, is created once the receiver is connected. A
-    connection that drops for 1 s is made again (counted in ``reconnects``): with several
-    NDI processes coming and going on one host, a receiver was seen to lose a live sender
-    and not get it back by itself."""
+    is a flash; every audio frame's format and times, and the beep onsets as timecodes."""
     ndi = _ndi()
     finder_settings = ndi.FindCreate()
     finder_settings.extra_ips = "127.0.0.1"
@@ -594,26 +590,7 @@ def ndi_recv_av(name: str, *, seconds: float, idle: float, connected: str | None
     finders: dict[int, BeepFinder] = {}
     onsets: list[int] = []
     last = None
-    was_connected, lost_since, reconnects = False, None, 0
     while time.monotonic() < deadline and (last is None or time.monotonic() - last < idle):
-        links = ndi.recv_get_no_connections(receiver)
-        if links and connected:
-            Path(connected).touch()
-            connected = None
-        was_connected = was_connected or bool(links)
-        if links or not was_connected:
-            lost_since = None
-        elif lost_since is None:
-            lost_since = time.monotonic()
-        elif time.monotonic() - lost_since > 1.0:
-            ndi.recv_destroy(receiver)
-            source = _find_ndi(ndi, finder, name, min(deadline, time.monotonic() + idle))
-            if source is None:  # the sender is gone for good
-                receiver = None
-                break
-            settings.source_to_connect_to = source
-            receiver = ndi.recv_create_v3(settings)
-            was_connected, lost_since, reconnects = False, None, reconnects + 1
         kind, video, audio, _ = ndi.recv_capture_v3(receiver, 200, True, True, False)
         if kind == ndi.FRAME_TYPE_VIDEO:
             flash = bool(video.data[:, :, :3].mean() > 200)
@@ -634,10 +611,9 @@ def ndi_recv_av(name: str, *, seconds: float, idle: float, connected: str | None
                 onsets += [round(t * 10_000_000) for t in beeps.onsets[before:]]
             ndi.recv_free_audio_v3(receiver, audio)
             last = time.monotonic()
-    if receiver is not None:
-        ndi.recv_destroy(receiver)
+    ndi.recv_destroy(receiver)
     ndi.find_destroy(finder)
-    return {"video": videos, "audio": audios, "onsets": onsets, "reconnects": reconnects}
+    return {"video": videos, "audio": audios, "onsets": onsets}
 
 
 def main() -> None:
@@ -674,7 +650,6 @@ def main() -> None:
     av_recv.add_argument("--name", required=True)
     av_recv.add_argument("--seconds", type=float, default=30.0)
     av_recv.add_argument("--idle", type=float, default=2.0, help="stop after so long without")
-    av_recv.add_argument("--connected", help="create this file once connected")
     rd = sub.add_parser("read")
     rd.add_argument("--url", required=True)
     rd.add_argument("--format", required=True)
@@ -692,11 +667,7 @@ def main() -> None:
         print(json.dumps(sent), flush=True)
     elif args.command == "ndi-recv-av":
         print(
-            json.dumps(
-                ndi_recv_av(
-                    args.name, seconds=args.seconds, idle=args.idle, connected=args.connected
-                )
-            ),
+            json.dumps(ndi_recv_av(args.name, seconds=args.seconds, idle=args.idle)),
             flush=True,
         )
     elif args.command == "publish":
