@@ -109,6 +109,7 @@ def write_config(
     cache_dir: str,
     obs: dict[str, Any] | None = None,
     api: dict[str, Any] | None = None,
+    source_options: dict[str, Any] | None = None,
 ) -> Path:
     """A daemon config plus the test presets in ``folder``; returns the config's path."""
     presets = folder / "presets"
@@ -119,7 +120,7 @@ def write_config(
         "model": {"id": "tiny", "device": "cpu", "cache_dir": cache_dir},
         "resolution": list(size),
         "fps": fps,
-        "source": {"url": source},
+        "source": {"url": source, **({"options": source_options} if source_options else {})},
         "sinks": sinks,
         "presets": {"folder": "presets", "start": start},
     }

@@ -429,6 +429,193 @@ def ndi_send(name: str, *, frames: int, fps: float, size: tuple[int, int], start
     return sink.dropped
 
 
+# ---------------------------------------------------------------- NDI audio + video
+
+#: flash/beep pattern of the NDI audio tests: every FLASH_EVERY frames one white frame, and
+#: a BEEP_HZ sine burst of BEEP_S starting at that frame's instant; all else dark and silent
+FLASH_EVERY = 30
+BEEP_HZ = 1000.0
+BEEP_S = 0.1
+DARK = 40
+
+
+def is_flash(counter: int) -> bool:
+    return counter % FLASH_EVERY == FLASH_EVERY // 2
+
+
+def flash_picture(width: int, height: int, counter: int) -> np.ndarray:
+    """White on a flash frame, dark grey otherwise (RGB)."""
+    return np.full((height, width, 3), 255 if is_flash(counter) else DARK, np.uint8)
+
+
+def beep_track(first: int, count: int, rate: int, fps: float) -> np.ndarray:
+    """Samples ``first .. first+count`` (float32, mono) of the beep track at ``rate``: a sine
+    burst from each flash frame's instant (``counter / fps``) on for :data:`BEEP_S`."""
+    t = (first + np.arange(count)) / rate
+    since_flash = (t - (FLASH_EVERY // 2) / fps) % (FLASH_EVERY / fps)
+    on = since_flash < BEEP_S
+    return (0.5 * np.sin(2 * np.pi * BEEP_HZ * t) * on).astype(np.float32)
+
+
+class BeepFinder:
+    """Onsets of beeps in a contiguous feed of audio blocks: the first loud sample after at
+    least 1 ms of quiet (the sine is loud several times per ms while it sounds)."""
+
+    LOUD = 0.05
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.quiet = rate  # samples since the last loud one
+        self.onsets: list[float] = []
+
+    def feed(self, mono: np.ndarray, first_at: float) -> None:
+        """Samples whose first one is at ``first_at`` (seconds on any clock)."""
+        for i in np.flatnonzero(np.abs(mono) > self.LOUD):
+            if self.quiet + i > self.rate // 1000:
+                self.onsets.append(first_at + i / self.rate)
+            self.quiet = -int(i) - 1
+        self.quiet += len(mono)
+
+
+def _ndi():
+    import NDIlib
+
+    if not NDIlib.initialize():
+        raise RuntimeError("NDI runtime failed to start")
+    return NDIlib
+
+
+def utc_ticks(monotonic: float) -> int:
+    """A monotonic time as an NDI timecode: UTC in 100 ns units."""
+    return round((monotonic + time.time() - time.monotonic()) * 10_000_000)
+
+
+def ndi_send_av(
+    name: str,
+    *,
+    frames: int,
+    fps: float,
+    size: tuple[int, int],
+    rate: int,
+    channels: int,
+    block: int,
+    odd: bool,
+    wait: float = 60.0,
+    go: str | None = None,
+) -> dict:
+    """An NDI sender like a capture app, on ndi-python alone: flash frames at ``fps`` and the
+    beep track in audio frames of ``block`` video frames each, sent only after their last
+    video frame (as a capture app buffers audio), every frame's timecode the instant it was
+    captured. ``odd`` adds a 6-channel and a 0-sample audio frame after each block. It waits
+    up to ``wait`` s for a receiver before the first frame (and for the file ``go`` to
+    exist, when given). Returns the flash timecodes."""
+    ndi = _ndi()
+    settings = ndi.SendCreate()
+    settings.ndi_name = name
+    settings.clock_video = settings.clock_audio = False
+    sender = ndi.send_create(settings)
+    video = ndi.VideoFrameV2()
+    video.FourCC = ndi.FOURCC_VIDEO_TYPE_RGBX
+    video.frame_rate_N, video.frame_rate_D = (
+        Fraction(fps).limit_denominator(1001).as_integer_ratio()
+    )
+    audio = ndi.AudioFrameV2()
+    audio.sample_rate, audio.no_channels = rate, channels
+    ndi.send_get_no_connections(sender, int(wait * 1000))
+    deadline = time.monotonic() + wait
+    while go is not None and not Path(go).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rgbx = np.full((size[1], size[0], 4), 255, np.uint8)
+    flashes, sent = [], 0
+    t0 = time.monotonic() + 0.2
+    for i in range(frames):
+        delay = t0 + i / fps - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        rgbx[:, :, :3] = flash_picture(*size, i)
+        video.data = rgbx
+        video.timecode = utc_ticks(t0 + i / fps)
+        if is_flash(i):
+            flashes.append(video.timecode)
+        ndi.send_send_video_v2(sender, video)
+        if (i + 1) % block:
+            continue
+        first = round((i + 1 - block) / fps * rate)
+        count = round((i + 1) / fps * rate) - first
+        track = beep_track(first, count, rate, fps)
+        planar = np.ascontiguousarray(np.repeat(track[None], channels, axis=0))
+        audio.data, audio.no_samples = planar, count
+        audio.no_channels = channels
+        audio.timecode = utc_ticks(t0 + first / rate)
+        ndi.send_send_audio_v2(sender, audio)
+        sent += 1
+        if odd:
+            six = np.zeros((6, 480), np.float32)
+            audio.data, audio.no_channels, audio.no_samples = six, 6, 480
+            ndi.send_send_audio_v2(sender, audio)
+            audio.no_samples = 0
+            audio.no_channels = channels
+            ndi.send_send_audio_v2(sender, audio)
+    time.sleep(0.5)
+    ndi.send_destroy(sender)
+    return {"flashes": flashes, "audio_frames": sent}
+
+
+def _find_ndi(ndi, finder, name: str, deadline: float):
+    """The NDI source called ``name`` (``MACHINE (name)``), or ``None`` by ``deadline``."""
+    while time.monotonic() < deadline:
+        ndi.find_wait_for_sources(finder, 500)
+        for source in ndi.find_get_current_sources(finder):
+            if source.ndi_name.endswith(f"({name})"):
+                return source
+    return None
+
+
+def ndi_recv_av(name: str, *, seconds: float, idle: float) -> dict:
+    """Receive an NDI source on ndi-python alone for up to ``seconds`` (until ``idle`` s
+    without frames once some came): every video frame's timecode, timestamp and whether it
+    is a flash; every audio frame's format and times, and the beep onsets as timecodes."""
+    ndi = _ndi()
+    finder_settings = ndi.FindCreate()
+    finder_settings.extra_ips = "127.0.0.1"
+    finder = ndi.find_create_v2(finder_settings)
+    deadline = time.monotonic() + seconds
+    settings = ndi.RecvCreateV3()
+    settings.color_format = ndi.RECV_COLOR_FORMAT_RGBX_RGBA
+    settings.source_to_connect_to = _find_ndi(ndi, finder, name, deadline)
+    if settings.source_to_connect_to is None:
+        raise SystemExit(f"NDI source {name!r} not found within {seconds:g} s")
+    receiver = ndi.recv_create_v3(settings)
+    videos, audios = [], []
+    finders: dict[int, BeepFinder] = {}
+    onsets: list[int] = []
+    last = None
+    while time.monotonic() < deadline and (last is None or time.monotonic() - last < idle):
+        kind, video, audio, _ = ndi.recv_capture_v3(receiver, 200, True, True, False)
+        if kind == ndi.FRAME_TYPE_VIDEO:
+            flash = bool(video.data[:, :, :3].mean() > 200)
+            videos.append({"timecode": video.timecode, "timestamp": video.timestamp,
+                           "flash": flash})  # fmt: skip
+            ndi.recv_free_video_v2(receiver, video)
+            last = time.monotonic()
+        elif kind == ndi.FRAME_TYPE_AUDIO:
+            rate, count = audio.sample_rate, audio.no_samples
+            audios.append({"timecode": audio.timecode, "timestamp": audio.timestamp,
+                           "rate": rate, "channels": audio.no_channels,
+                           "samples": count})  # fmt: skip
+            if count:
+                mono = np.array(audio.data[0, :count], np.float32)
+                beeps = finders.setdefault(rate, BeepFinder(rate))
+                before = len(beeps.onsets)
+                beeps.feed(mono, audio.timecode / 10_000_000)
+                onsets += [round(t * 10_000_000) for t in beeps.onsets[before:]]
+            ndi.recv_free_audio_v3(receiver, audio)
+            last = time.monotonic()
+    ndi.recv_destroy(receiver)
+    ndi.find_destroy(finder)
+    return {"video": videos, "audio": audios, "onsets": onsets}
+
+
 def main() -> None:
     # SIGTERM (peers.stop) must run the finally blocks, which stop this script's own ffmpeg:
     # otherwise an ffmpeg listener still waiting for a caller outlives us
@@ -449,6 +636,20 @@ def main() -> None:
     nd.add_argument("--fps", type=float, default=30.0)
     nd.add_argument("--size", default="512x512")
     nd.add_argument("--start", type=int, default=0)
+    av_send = sub.add_parser("ndi-send-av")
+    av_send.add_argument("--name", required=True)
+    av_send.add_argument("--frames", type=int, default=150)
+    av_send.add_argument("--fps", type=float, default=30.0)
+    av_send.add_argument("--size", default="128x72")
+    av_send.add_argument("--rate", type=int, default=48000)
+    av_send.add_argument("--channels", type=int, default=2)
+    av_send.add_argument("--block", type=int, default=3)
+    av_send.add_argument("--odd", action="store_true")
+    av_send.add_argument("--go", help="wait for this file to exist before sending")
+    av_recv = sub.add_parser("ndi-recv-av")
+    av_recv.add_argument("--name", required=True)
+    av_recv.add_argument("--seconds", type=float, default=30.0)
+    av_recv.add_argument("--idle", type=float, default=2.0, help="stop after so long without")
     rd = sub.add_parser("read")
     rd.add_argument("--url", required=True)
     rd.add_argument("--format", required=True)
@@ -459,6 +660,16 @@ def main() -> None:
     if args.command == "ndi-send":
         dropped = ndi_send(args.name, frames=args.frames, fps=args.fps, size=size, start=args.start)
         print(json.dumps({"dropped": dropped}), flush=True)
+    elif args.command == "ndi-send-av":
+        sent = ndi_send_av(args.name, frames=args.frames, fps=args.fps, size=size,
+                           rate=args.rate, channels=args.channels, block=args.block,
+                           odd=args.odd, go=args.go)  # fmt: skip
+        print(json.dumps(sent), flush=True)
+    elif args.command == "ndi-recv-av":
+        print(
+            json.dumps(ndi_recv_av(args.name, seconds=args.seconds, idle=args.idle)),
+            flush=True,
+        )
     elif args.command == "publish":
         publish(args.url, args.format, frames=args.frames, fps=args.fps, size=size,
                 start=args.start, via=args.via)  # fmt: skip

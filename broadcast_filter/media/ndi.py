@@ -6,6 +6,16 @@
 * Sink ``ndi:NAME`` — publish a named NDI source at the sink's size, with its frame rate in
   the frame metadata; frames are paced by the daemon (``clock_video`` off).
 
+Sound: the source captures the sender's audio (planar float, any rate, mono or stereo) and
+hands it on as 48 kHz stereo chunks stamped on the video's clock; the sink sends the daemon's
+delayed audio as 48 kHz stereo in the same NDI sender. Both ends use NDI *timecodes* (100 ns
+units) as the shared media time of audio and video: the sink writes the on-air time of every
+video frame and audio chunk (UTC, from ``time.monotonic()``) into its timecode, and the
+source maps the sender's timecodes onto ``time.monotonic()`` with a
+:class:`~broadcast_filter.media.audio.MediaClock`. A sender whose video timecodes do not
+advance (e.g. all 0) is timed by NDI's send timestamps instead, which the SDK stamps when a
+frame is submitted (audio sent in blocks then arrives stamped a little late).
+
 Discovery uses mDNS, or unicast when ``extra_ips`` (comma-separated) is given or the NDI
 config file in ``NDI_CONFIG_DIR`` lists ``"ips"``. The ndi-python calls release the GIL
 while they wait, so NDI runs in threads of the daemon (no extra process). NDI® is a
@@ -15,14 +25,18 @@ registered trademark of Vizrt NDI AB.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from fractions import Fraction
 from types import ModuleType
 
+import av
 import numpy as np
 
+from broadcast_filter.media.audio import CHANNELS, RATE, AudioChunk, AudioConverter, MediaClock
 from broadcast_filter.media.base import (
     Frame,
     MediaError,
@@ -41,6 +55,15 @@ MISSING_MESSAGE = (
     "NDI needs the ndi-python package: pip install 'broadcast-filter[ndi]' "
     "(it bundles the NDI runtime; see the NDI SDK license)"
 )
+
+log = logging.getLogger(__name__)
+
+#: NDI timecodes and timestamps count 100 ns ticks
+TICKS_PER_S = 10_000_000
+#: NDI's "no value" for timecodes and timestamps (``NDIlib_recv_timestamp_undefined``)
+UNDEFINED = (1 << 63) - 1
+#: audio queued in a sink for its sender thread; older audio is dropped (and counted)
+SINK_AUDIO_QUEUE_S = 2.0
 
 _lib: ModuleType | None = None
 _lib_lock = threading.Lock()
@@ -77,6 +100,84 @@ def _matches(full_name: str, wanted: str) -> bool:
     return full_name == wanted or full_name.endswith(f"({wanted})")
 
 
+class NdiTimes:
+    """The media time of an NDI stream's frames, mapped onto ``time.monotonic()``.
+
+    The basis is the sender's timecode while its video timecodes advance (that is how a
+    sender says which audio goes with which picture). A sender that leaves them at 0, repeats
+    them or jumps back, or whose audio timecodes are not near its video's, is timed by the
+    SDK's send timestamps (UTC when submitted); without those, by arrival. Video feeds a
+    :class:`MediaClock` for either basis, so a switch keeps the video's offset. The switch
+    is logged once and lasts until :meth:`reset` (a new connection)."""
+
+    #: an audio time this far from its arrival is not on the video's basis
+    MAX_AUDIO_SKEW_S = 2.0
+
+    def __init__(self) -> None:
+        self.basis = "timecode"
+        self._clocks = {"timecode": MediaClock(), "send timestamp": MediaClock()}
+        self._last_timecode: int | None = None
+
+    def reset(self) -> None:
+        self.basis = "timecode"
+        for clock in self._clocks.values():
+            clock.reset()
+        self._last_timecode = None
+
+    def _fall_back(self, why: str, timestamp: int) -> None:
+        self.basis = "send timestamp" if _defined(timestamp) else "arrival"
+        log.warning("NDI timecodes unusable (%s): timing audio and video by %s", why, self.basis)
+
+    def video(self, timecode: int, timestamp: int, arrival: float) -> None:
+        """A video frame with these NDI times arrived at ``arrival``."""
+        if self.basis == "timecode":
+            last, self._last_timecode = self._last_timecode, timecode
+            if not _defined(timecode):
+                self._fall_back(f"video timecode {timecode}", timestamp)
+            elif last is not None and not 0 < timecode - last <= 10 * TICKS_PER_S:
+                self._fall_back(f"video timecode went from {last} to {timecode}", timestamp)
+        if _defined(timecode):
+            self._clocks["timecode"].video(timecode / TICKS_PER_S, arrival)
+        if _defined(timestamp):
+            self._clocks["send timestamp"].video(timestamp / TICKS_PER_S, arrival)
+
+    def audio(self, timecode: int, timestamp: int, arrival: float) -> float:
+        """The monotonic time of the first sample of an audio frame that arrived now."""
+        if self.basis == "timecode":
+            at = self._clocks["timecode"].at(timecode / TICKS_PER_S, arrival)
+            if abs(at - arrival) <= self.MAX_AUDIO_SKEW_S:
+                return at
+            self._fall_back(f"audio timecode {at - arrival:+.1f}s off its arrival", timestamp)
+        if self.basis == "send timestamp" and _defined(timestamp):
+            return self._clocks["send timestamp"].at(timestamp / TICKS_PER_S, arrival)
+        return arrival
+
+
+def _defined(ticks: int) -> bool:
+    """Whether an NDI timecode or timestamp carries a time (0 and UNDEFINED do not)."""
+    return ticks not in (0, UNDEFINED)
+
+
+class PlanarAudio:
+    """NDI audio ``(channels, samples)`` planar float32, mono or stereo at any rate ->
+    ``(n, 2)`` float32 at :data:`RATE` (PyAV's resampler when the rate differs)."""
+
+    def __init__(self) -> None:
+        self._rate: int | None = None
+        self._converter: AudioConverter | None = None
+
+    def convert(self, planar: np.ndarray, rate: int) -> np.ndarray:
+        if planar.shape[0] == 1:
+            planar = np.repeat(planar, CHANNELS, axis=0)
+        if rate == RATE:
+            return np.ascontiguousarray(planar.T)
+        if self._converter is None or rate != self._rate:
+            self._converter, self._rate = AudioConverter(), rate
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar), "fltp", "stereo")
+        frame.sample_rate = rate
+        return self._converter.convert(frame)
+
+
 class NdiSource(Source):
     """Receive an NDI source by name; ``frames()`` raises SourceLost after ``lost_after``
     seconds without video, and picks the sender up again when called once more
@@ -88,6 +189,7 @@ class NdiSource(Source):
     ``state`` (the daemon's status field) shows."""
 
     kind = "ndi"
+    carries_audio = True
 
     def __init__(
         self,
@@ -107,6 +209,12 @@ class NdiSource(Source):
         self._closed = threading.Event()
         self._index = 0
         self._dropped_before = 0  # by receivers already destroyed
+        self._times = NdiTimes()
+        self._audio = PlanarAudio()
+        self._audio_format: str | None = None
+        #: audio frames skipped because they cannot be played (see :attr:`audio_state`)
+        self.audio_skipped = 0
+        self._skip_reason = ""
 
     @property
     def dropped(self) -> int:
@@ -121,6 +229,44 @@ class NdiSource(Source):
     def state(self) -> str:
         dropped = self.dropped
         return f"{self._state}, {dropped} dropped" if dropped else self._state
+
+    @property
+    def audio_state(self) -> str:
+        """``pcm 48k stereo`` once audio arrived (``none`` before), with skipped odd frames."""
+        if self._audio_format is None:
+            text = "none"
+        else:
+            text = self._audio_format
+            if self._times.basis != "timecode":
+                text += f", timed by {self._times.basis}"
+        if self.audio_skipped:
+            text += f", {self.audio_skipped} audio frames skipped ({self._skip_reason})"
+        return text
+
+    def _take_audio(self, frame, arrival: float) -> None:
+        """Convert one NDI audio frame (before it is freed) and emit it, or skip it if odd."""
+        channels, count, rate = frame.no_channels, frame.no_samples, frame.sample_rate
+        if count <= 0 or rate <= 0 or channels not in (1, 2):
+            self._skip_audio(f"{channels} channels, {count} samples at {rate} Hz; need mono/stereo")
+            return
+        planar = np.array(frame.data[:channels, :count], np.float32)
+        start = self._times.audio(frame.timecode, frame.timestamp, arrival)
+        try:
+            samples = self._audio.convert(planar, rate)
+        except (ValueError, av.error.FFmpegError) as exc:
+            self._skip_audio(f"cannot convert {channels} channels at {rate} Hz: {exc}")
+            return
+        layout = "mono" if channels == 1 else "stereo"
+        self._audio_format = f"pcm {rate / 1000:g}k {layout}"
+        # a resampler holds back a few samples: the chunk ends where its input ended
+        captured_at = start + count / rate - len(samples) / RATE
+        self._emit_audio(AudioChunk(samples, captured_at))
+
+    def _skip_audio(self, reason: str) -> None:
+        if self._skip_reason != reason:
+            log.warning("NDI %r: audio frame skipped: %s", self.name, reason)
+            self._skip_reason = reason
+        self.audio_skipped += 1
 
     def _find(self):
         ndi = ndi_lib()
@@ -170,25 +316,32 @@ class NdiSource(Source):
             self._connect()
         live_since: float | None = None
         last_video = time.monotonic()
+        self._times.reset()  # a lost sender may come back with other timecodes
         while not self._closed.is_set():
-            kind, video, _, _ = ndi.recv_capture_v3(self._receiver, 200, True, False, False)
+            kind, video, audio, _ = ndi.recv_capture_v3(self._receiver, 200, True, True, False)
             now = time.monotonic()
-            if kind != ndi.FRAME_TYPE_VIDEO:
-                if live_since is not None and now - last_video > self.lost_after:
-                    self._state = f"lost (no video for {self.lost_after:g}s), waiting for sender"
-                    raise SourceLost(f"NDI {self.name!r}: {self._state}")
+            if kind == ndi.FRAME_TYPE_VIDEO:
+                try:
+                    image = np.ascontiguousarray(video.data[:, :, :3])
+                    self.fps = Fraction(video.frame_rate_N, max(1, video.frame_rate_D))
+                    self._times.video(video.timecode, video.timestamp, now)
+                finally:
+                    ndi.recv_free_video_v2(self._receiver, video)
+                if live_since is None:
+                    live_since = now
+                    self._state = "live"
+                last_video = now
+                yield Frame(image, now, self._index)
+                self._index += 1
                 continue
-            try:
-                image = np.ascontiguousarray(video.data[:, :, :3])
-                self.fps = Fraction(video.frame_rate_N, max(1, video.frame_rate_D))
-            finally:
-                ndi.recv_free_video_v2(self._receiver, video)
-            if live_since is None:
-                live_since = now
-                self._state = "live"
-            last_video = now
-            yield Frame(image, now, self._index)
-            self._index += 1
+            if kind == ndi.FRAME_TYPE_AUDIO:
+                try:
+                    self._take_audio(audio, now)
+                finally:
+                    ndi.recv_free_audio_v3(self._receiver, audio)
+            if live_since is not None and now - last_video > self.lost_after:
+                self._state = f"lost (no video for {self.lost_after:g}s), waiting for sender"
+                raise SourceLost(f"NDI {self.name!r}: {self._state}")
 
     def close(self) -> None:
         self._closed.set()
@@ -204,7 +357,14 @@ class NdiSink(Sink):
 
     What it promises: ``send()`` never waits for the network; a frame that is replaced
     before the worker sent it is dropped and counted in :attr:`dropped` (shown in
-    ``state``). The newest frame is always sent, also the last one before ``close()``."""
+    ``state``). The newest frame is always sent, also the last one before ``close()``.
+
+    With audio (any ``audio`` mode but ``off``: NDI audio is always PCM), ``send_audio()``
+    queues the samples for a second thread that sends them as 48 kHz stereo planar float in
+    the same NDI sender; more than ``SINK_AUDIO_QUEUE_S`` queued drops the oldest (counted in
+    :attr:`audio_dropped`). Every video frame's timecode is the time ``send()`` was called
+    and every audio frame's the ``at`` it was given, both as UTC in 100 ns units, so a
+    receiver can line them up."""
 
     kind = "ndi"
 
@@ -214,7 +374,9 @@ class NdiSink(Sink):
         super().__init__(width=width, height=height, fps=fps)
         ndi = ndi_lib()
         self.name = self.label = _name(url)
-        audio_track(audio, self.label)  # NDI audio is always PCM: any mode but "off" is on
+        self.audio = audio_track(audio, self.label)  # NDI audio is PCM: any mode but "off"
+        # timecodes: the monotonic send times as UTC (what NDI's own timestamps count)
+        self._utc_offset = time.time() - time.monotonic()
         settings = ndi.SendCreate()
         settings.ndi_name = self.name
         settings.clock_video = False  # the daemon paces output itself
@@ -230,9 +392,19 @@ class NdiSink(Sink):
         self._frame.frame_format_type = ndi.FRAME_FORMAT_TYPE_PROGRESSIVE
         self._rgbx = np.full((height, width, 4), 255, np.uint8)
         # drain: the frame sent last before close() still goes out
-        self._slot: LatestSlot[np.ndarray] = LatestSlot(drain=True)
-        self._thread = threading.Thread(target=self._run, name=f"ndi {self.name}", daemon=True)
-        self._thread.start()
+        self._slot: LatestSlot[tuple[np.ndarray, float]] = LatestSlot(drain=True)
+        self._audio_queue: deque[tuple[np.ndarray, float]] = deque()  # (2, n) planar, at
+        self._audio_queued = 0  # samples in the queue
+        self._audio_cond = threading.Condition()
+        self._audio_closed = False
+        #: samples dropped because the audio queue was full
+        self.audio_dropped = 0
+        workers = [self._run] + ([self._run_audio] if self.audio else [])
+        self._threads = [
+            threading.Thread(target=work, name=f"ndi {self.name}", daemon=True) for work in workers
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def dropped(self) -> int:
@@ -243,22 +415,67 @@ class NdiSink(Sink):
         """How many receivers watch this source."""
         count = ndi_lib().send_get_no_connections(self._sender, 0)
         text = f"live, {count} receiver{'s' if count != 1 else ''}"
-        return f"{text}, {self.dropped} dropped" if self.dropped else text
+        if self.dropped:
+            text += f", {self.dropped} dropped"
+        if self.audio_dropped:
+            text += f", {self.audio_dropped / RATE:.1f} s audio dropped"
+        return text
+
+    def timecode(self, at: float) -> int:
+        """NDI timecode (UTC, 100 ns) of the monotonic time ``at``."""
+        return round((at + self._utc_offset) * TICKS_PER_S)
 
     def send(self, image: np.ndarray) -> None:
         self.check(image)
-        self._slot.put(image.copy())
+        self._slot.put((image.copy(), time.monotonic()))
+
+    def send_audio(self, samples: np.ndarray, at: float) -> None:
+        """Queue ``(n, 2)`` float32 samples for the audio thread; never waits."""
+        if not self.audio or not len(samples):
+            return
+        planar = np.ascontiguousarray(samples.T, np.float32)  # NDI's layout, and our copy
+        with self._audio_cond:
+            self._audio_queue.append((planar, at))
+            self._audio_queued += len(samples)
+            while self._audio_queued > SINK_AUDIO_QUEUE_S * RATE and len(self._audio_queue) > 1:
+                old, _ = self._audio_queue.popleft()
+                self._audio_queued -= old.shape[1]
+                self.audio_dropped += old.shape[1]
+            self._audio_cond.notify()
 
     def _run(self) -> None:
         ndi = ndi_lib()
-        while (image := self._slot.take()) is not None:
+        while (taken := self._slot.take()) is not None:
+            image, sent_at = taken
             self._rgbx[:, :, :3] = image
             self._frame.data = self._rgbx
+            self._frame.timecode = self.timecode(sent_at)
             ndi.send_send_video_v2(self._sender, self._frame)
+
+    def _run_audio(self) -> None:
+        """Send queued audio until closed; what was queued before ``close()`` still goes."""
+        ndi = ndi_lib()
+        frame = ndi.AudioFrameV2()
+        frame.sample_rate, frame.no_channels = RATE, CHANNELS
+        while True:
+            with self._audio_cond:
+                self._audio_cond.wait_for(lambda: self._audio_queue or self._audio_closed)
+                if not self._audio_queue:
+                    return
+                planar, at = self._audio_queue.popleft()
+                self._audio_queued -= planar.shape[1]
+            frame.data = planar
+            frame.no_samples = planar.shape[1]
+            frame.timecode = self.timecode(at)
+            ndi.send_send_audio_v2(self._sender, frame)
 
     def close(self) -> None:
         self._slot.close()
-        self._thread.join(timeout=5)
+        with self._audio_cond:
+            self._audio_closed = True
+            self._audio_cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
         ndi_lib().send_destroy(self._sender)
 
 
