@@ -155,7 +155,8 @@ def test_rtmp_in_styled_then_passthrough_in_sync_on_udp_nginx_and_mp4(tmp_path):
             daemon.controller.apply_preset("passthrough")
             switched = time.monotonic()
             deadline = switched + 10
-            while daemon.delay.changes == changes or daemon.delay.delay > styled_delay - 0.05:
+            lower = styled_delay - daemon.delay.tolerance
+            while daemon.delay.changes == changes or daemon.delay.delay > lower:
                 status = daemon.status_text(time.monotonic())
                 assert time.monotonic() < deadline, f"delay {styled_delay} -> {status}"
                 time.sleep(0.1)

@@ -65,7 +65,9 @@ def test_demo_writes_the_frames_asked_for_and_they_are_styled(tmp_path, cli_env)
     # a normal start prints only our lines: no library notes or bars we cannot act on
     for noise in ("torchvision", "block_out_channels", "Loading weights", "Please verify"):
         assert noise not in result.stderr, noise
-    ours = ("[neon_edges |", "warm-up", "model demo + TAESD demo: dtype float32 (as configured)")
+    threads = max(1, (os.cpu_count() or 1) - 1)  # every core but one: the daemon says so
+    ours = ("[neon_edges |", "warm-up", "model demo + TAESD demo: dtype float32 (as configured)",
+            f"model on the CPU: {threads} torch thread")  # fmt: skip
     assert all(
         line.strip().startswith(ours)
         for line in result.stderr.replace("\r", "\n").splitlines()

@@ -107,9 +107,14 @@ def test_slow_engine_capture_keeps_its_rate_output_keeps_the_target_and_nothing_
     daemon = make_daemon([("rec", sink)], cost=0.1, fps=20, limits=Limits(frames=60))
     live_frames = []
 
+    def frames_alive() -> int:
+        return sum(type(o) is Frame for o in gc.get_objects())
+
+    before = frames_alive()  # left over by earlier tests in this process, if any
+
     def count_frames() -> None:  # while running: frames alive in the process
         time.sleep(1.5)
-        live_frames.append(sum(type(o) is Frame for o in gc.get_objects()))
+        live_frames.append(frames_alive() - before)
 
     probe = threading.Thread(target=count_frames)
     probe.start()
