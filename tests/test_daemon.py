@@ -34,6 +34,7 @@ class SlowEngine:
     the threads and slots around the engine, not the model."""
 
     fading = False
+    lag = 0  # its output shows the frame it was given
 
     def __init__(self, cost: float) -> None:
         self.cost, self.spec, self.calls = cost, BASE, 0

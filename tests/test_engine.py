@@ -176,3 +176,44 @@ def test_the_engine_keeps_nothing_per_frame(tiny_models_taesd):
     gc.collect()
     assert sum(ref() is not None for ref in outputs) == 1  # only the last (for SSF re-emits)
     assert live_tensors() == tensors
+
+
+def test_lag_says_which_frame_the_output_shows_with_stream_batch():
+    """Two levels with Stream Batch: the first call primes (its output is its own frame),
+    after that each output is the frame that entered one call earlier; checked on the demo
+    model (it draws what it is given) against engines that only ever saw one frame, and lag
+    is 0 again after a restart."""
+    from broadcast_filter.diffusion.demo_data import HELD_OUT_SEED, procedural_images
+    from broadcast_filter.diffusion.models import load_models
+    from broadcast_filter.diffusion.spec import ModelSpec
+
+    models = load_models(
+        ModelSpec(id="demo", taesd="demo", device="cpu", dtype="float32"), progress=False
+    )
+    preset = replace(STYLE_A, prompt="sepia photograph", cfg_type="none", t_index_list=(42, 48))
+    pictures = procedural_images(3, HELD_OUT_SEED + 5, 128)
+    a, b, c = (np.ascontiguousarray(p * 255).astype(np.uint8) for p in pictures)
+
+    def engine() -> Engine:
+        return Engine(StreamPipeline(models, stream_config(preset, 128, 128)), preset)
+
+    def alone(frame: np.ndarray) -> np.ndarray:  # an engine that only ever saw `frame`
+        only = engine()
+        for _ in range(3):
+            out, _ = only.process(frame, 0.0)
+        return out.astype(np.float64)
+
+    e = engine()
+    lags, outs = [], []
+    for frame in (a, b, c):
+        out, skipped = e.process(frame, 0.0)
+        assert not skipped
+        lags.append(e.lag)
+        outs.append(out.astype(np.float64))
+    assert lags == [0, 1, 1]
+    like_b, like_c = (np.abs(outs[2] - alone(x)).mean() for x in (b, c))
+    print(f"\nthird output vs b alone {like_b:.2f}, vs c alone {like_c:.2f}")
+    assert like_b < like_c / 2  # the third call's output shows b, the frame before c
+    e.pipe.restart()
+    e.process(a, 0.0)
+    assert e.lag == 0

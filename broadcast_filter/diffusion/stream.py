@@ -149,6 +149,11 @@ class StreamPipeline:
         return len(self.config.t_index_list)
 
     @property
+    def primed(self) -> bool:
+        """Whether frames are in flight (the next call does not prime the stream)."""
+        return self._buffer is not None
+
+    @property
     def latency_frames(self) -> int:
         """How many calls an input takes to reach the output (0 without Stream Batch)."""
         return self.levels - 1 if self.config.use_stream_batch else 0

@@ -6,9 +6,9 @@ was captured (model time plus pacing). :class:`DelayTracker` turns those latenci
 first window fills), changed only when it moves by more than the tolerance (one frame
 interval, at most 30 ms), so the audio is not pulled about by the jitter of single frames.
 A model slower than the source takes only some frames: an event (a clap, a flash) shows up
-with the next frame it takes, on average half the skipped span later than it happened
-(:class:`SkippedInput`), and the delay includes that half, so the sound is as often a
-little early as a little late instead of always early.
+with the next frame it takes, up to the skipped span later than it happened
+(:class:`SkippedInput`); the delay aims at the middle of that span too, so the sound is as
+often a little early as a little late instead of always early.
 
 :class:`AudioLine` holds the source's audio on its capture clock and emits it on a
 continuous output timeline: output sample ``j`` goes on air at wall time ``j / RATE``
@@ -45,34 +45,57 @@ MAX_GAP_S = 1.0
 class DelayTracker:
     """The lasting video delay from per-frame latencies (see the module docstring).
 
-    Frames do not all wait alike: each waits for the next output tick, so latencies spread
-    over a frame interval or more. The delay aims at the middle of the recent spread (its
-    second-lowest and second-highest, so one stray frame moves nothing) plus :data:`LATE_BIAS`:
-    broadcast tolerance allows audio 60 ms late but only 40 ms early, so the middle of that
-    window sits 10 ms late.
+    An event (a clap, a flash) captured just before a shown frame appears that frame's
+    latency later; one captured in the input skipped before it (:class:`SkippedInput`)
+    appears up to that much later still. So each recent frame says: events show up between
+    ``latency`` and ``latency + skipped`` after they happen. Frames do not all wait alike
+    either (each waits for the next output tick). The delay is the one that puts the most of
+    those recent spans inside the sync window (:data:`EARLY_S` .. :data:`LATE_S`, broadcast
+    tolerance with 10 ms to spare on each side), the middle of the best choices: a stray
+    frame costs a little coverage, it does not move the delay.
     """
 
-    #: seconds the audio aims behind the middle of the video's latency spread
-    LATE_BIAS = 0.010
+    #: the sync window aimed at: audio at most this early / late (tolerance 40 / 60 ms)
+    EARLY_S, LATE_S = 0.030, 0.050
+    #: where a steady latency puts the sound: the window's middle, this much late
+    CENTRE_S = (LATE_S - EARLY_S) / 2
 
     def __init__(self, fps: float, *, window: int = 15, max_tolerance: float = 0.03) -> None:
         self.tolerance = min(1.0 / fps, max_tolerance)
-        self._recent: deque[float] = deque(maxlen=window)
+        self._recent: deque[tuple[float, float]] = deque(maxlen=window)  # (soonest, latest)
         self.delay: float | None = None
         #: how many times the lasting delay changed after the first window
         self.changes = 0
 
     def target(self) -> float:
-        """Where the delay should be, from the recent latencies."""
-        ordered = sorted(self._recent)
-        trim = 1 if len(ordered) >= 4 else 0
-        return (ordered[trim] + ordered[-1 - trim]) / 2 + self.LATE_BIAS
+        """Where the delay should be, from the recent frames' event delays."""
+        spans = list(self._recent)
+        early, late = self.EARLY_S, self.LATE_S
+
+        def covered(delay: float) -> float:
+            lo, hi = delay - late, delay + early  # events shown this long after happening
+            total = 0.0
+            for a, b in spans:
+                if b - a < 1e-9:
+                    total += lo - 1e-9 <= a <= hi + 1e-9
+                else:
+                    total += max(0.0, min(b, hi) - max(a, lo)) / (b - a)
+            return total
+
+        # coverage changes slope only where a window edge meets a span's end
+        candidates = sorted({e + d for span in spans for e in span for d in (late, -early)})
+        scores = [covered(c) for c in candidates]
+        best = max(scores)
+        good = [c for c, score in zip(candidates, scores, strict=True) if score >= best - 1e-6]
+        middle = (good[0] + good[-1]) / 2
+        return (
+            middle if covered(middle) >= best - 1e-6 else min(good, key=lambda c: abs(c - middle))
+        )
 
     def observe(self, latency: float, skipped: float = 0.0) -> bool:
-        """Take one fresh frame's latency, and how much input the model skipped before it
-        (:class:`SkippedInput`): an event in the skipped frames shows up with this frame, on
-        average half that late, so the sound aims there too; True when the delay changed."""
-        self._recent.append(latency + skipped / 2)
+        """Take one fresh frame's latency and the input skipped before it (an event there
+        shows up with this frame); True when the lasting delay changed."""
+        self._recent.append((latency, latency + skipped))
         target = self.target()
         if self.delay is None or len(self._recent) < (self._recent.maxlen or 0):
             changed = target != self.delay

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,9 @@ EngineLoader = Callable[[ModelSpec, Preset], Engine]
 class Result:
     """What the engine made of one frame. ``image`` is the styled picture, or ``None`` when
     nothing was styled (bypass, a model loading, a failure): then the input goes on air.
-    ``fault`` is this call's engine failure, classified (``None`` after a good call)."""
+    ``captured_at`` is when what it shows was captured: with Stream Batch the model's output
+    is of a frame that entered a call or more ago. ``fault`` is this call's engine failure,
+    classified (``None`` after a good call)."""
 
     image: np.ndarray | None
     captured_at: float
@@ -82,6 +85,8 @@ class Controller:
         self.engine = engine
         self.mode = "starting"
         self._engine_failed = False
+        #: capture times of the frames the model took last, newest last (what its output shows)
+        self._entered: deque[float] = deque(maxlen=8)
         self._restart: str | None = None
         self._source_changed = False
         self._details: Callable[[], dict[str, Any]] = dict
@@ -306,7 +311,11 @@ class Controller:
             self._engine_failed = False
         self.telemetry.model_step(now, skipped)
         self.mode = "crossfade" if self.engine.fading else "styled"
-        return Result(image, frame.captured_at, "skip" if skipped else "model")
+        if skipped:  # similar to the last frame the model took: shown as current
+            return Result(image, frame.captured_at, "skip")
+        self._entered.append(frame.captured_at)
+        shows = self._entered[max(0, len(self._entered) - 1 - self.engine.lag)]
+        return Result(image, shows, "model")
 
 
 def live_values(preset: Preset) -> dict[str, Any]:

@@ -132,6 +132,9 @@ class Engine:
         self._ssf_settings: SsfSettings | None = None
         self._ssf: SimilarityFilter | None = None
         self._last: np.ndarray | None = None
+        #: model calls the last output is behind the frame that entered with it: Stream
+        #: Batch finishes a frame ``levels - 1`` calls after it entered (0 just after priming)
+        self.lag = 0
         self.embeds = self._to
         self.guidance_scale, self.delta = preset.guidance_scale, preset.delta
         pipe.set_prompt_embeds(self._to)
@@ -195,16 +198,19 @@ class Engine:
 
     def process(self, image: np.ndarray, now: float) -> tuple[np.ndarray, bool]:
         """Style one frame. Returns ``(output, skipped)``: a skipped frame (SSF; never during
-        a crossfade) re-emits the previous output. Raises :class:`EngineError`."""
+        a crossfade) re-emits the previous output; the output shows the frame that entered
+        :attr:`lag` calls ago. Raises :class:`EngineError`."""
         self._condition(now)
         image_in = self._transfer.upload(image)
         skip = self._ssf is not None and not self.fading and self._ssf(image_in)
         if skip and self._last is not None:
             return self._last, True
+        primed = self.pipe.primed or not self.pipe.latency_frames
         try:
             out = self.runner(self.pipe.step(image_in))
         except Exception as exc:  # the stream must outlive any model failure
             raise EngineError(f"model step failed: {exc!r}") from exc
+        self.lag = min(self.lag + 1, self.pipe.latency_frames) if primed else 0
         if not bool(torch.isfinite(out).all()):
             raise EngineError("model produced non-finite values (NaN/inf)")
         self._last = self._transfer.download(out)
