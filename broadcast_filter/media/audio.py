@@ -35,10 +35,6 @@ class AudioChunk:
     samples: np.ndarray
     captured_at: float
 
-    @property
-    def duration(self) -> float:
-        return len(self.samples) / RATE
-
 
 class MediaClock:
     """Maps a stream's media time (seconds, from its timestamps) onto ``time.monotonic()``.
