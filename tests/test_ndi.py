@@ -178,7 +178,8 @@ def test_ndi_source_stamps_audio_on_the_video_clock(ndi_config, rate, channels):
     assert all(c.samples.shape[1] == 2 and c.samples.dtype == np.float32 for c in chunks)
     if channels == 1:
         assert all(np.array_equal(c.samples[:, 0], c.samples[:, 1]) for c in chunks)
-    gaps = [b.captured_at - (a.captured_at + a.duration) for a, b in itertools.pairwise(chunks)]
+    gaps = [b.captured_at - (a.captured_at + len(a.samples) / RATE)
+            for a, b in itertools.pairwise(chunks)]  # fmt: skip
     flashes = [t for t, white in frames if white]
     offsets = _offsets(flashes, _beeps(chunks))
     print(f"\nNDI {rate} Hz {channels} ch -> source: {len(frames)} frames, {len(chunks)} "
