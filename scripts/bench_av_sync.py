@@ -42,10 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peers
 import sync_pattern
-import yaml
-from daemon_harness import running, wait_for, write_config
+from daemon_harness import demo_config, running, wait_for, write_config
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = (128, 128)  # the demo model's resolution
 FPS = 15
 MODES = ("passthrough", "styled")
@@ -56,32 +54,9 @@ UDP_READ = "?fifo_size=100000&overrun_nonfatal=1"
 # ---------------------------------------------------------------- configs and peers
 
 
-def demo_config(folder: Path, source: str, sinks: list[Any], start: str) -> Path:
-    """The demo model with the demo presets at the demo's size, SSF off (as
-    tests/test_audio_sync.py's ``demo_config``)."""
-    presets = folder / "presets"
-    presets.mkdir(parents=True, exist_ok=True)
-    for path in (ROOT / "configs" / "demo_presets").glob("*.yaml"):
-        preset = yaml.safe_load(path.read_text())
-        if "ssf" in preset:
-            preset["ssf"] = {"enabled": False}
-        (presets / path.name).write_text(yaml.safe_dump(preset))
-    config = {
-        "model": {"id": "demo", "taesd": "demo", "device": "cpu"},
-        "resolution": list(SIZE),
-        "fps": FPS,
-        "source": {"url": source},
-        "sinks": sinks,
-        "presets": {"folder": "presets", "start": start},
-    }
-    path = folder / "daemon.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 def config_for(mode: str, folder: Path, source: str, sinks: list[Any], cache: str) -> Path:
     if mode == "styled":
-        return demo_config(folder, source, sinks, "sepia")
+        return demo_config(folder, source=source, sinks=sinks, start="sepia")
     return write_config(folder, source=source, sinks=sinks, size=SIZE, fps=FPS,
                         start="passthrough", cache_dir=cache)  # fmt: skip
 

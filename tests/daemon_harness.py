@@ -133,6 +133,40 @@ def write_config(
     return path
 
 
+DEMO_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "demo_presets"
+
+
+def demo_config(
+    folder: Path,
+    *,
+    source: str,
+    sinks: list[Any],
+    start: str,
+    size: tuple[int, int] = (128, 128),
+    fps: float = 15,
+) -> Path:
+    """A daemon config on the demo model (trained here: it draws what it is given) with the
+    demo presets, SSF off (every frame goes through the model), at the demo's size."""
+    presets = folder / "presets"
+    presets.mkdir(parents=True, exist_ok=True)
+    for path in DEMO_PRESETS.glob("*.yaml"):
+        preset = yaml.safe_load(path.read_text())
+        if "ssf" in preset:
+            preset["ssf"] = {"enabled": False}
+        (presets / path.name).write_text(yaml.safe_dump(preset))
+    config = {
+        "model": {"id": "demo", "taesd": "demo", "device": "cpu"},
+        "resolution": list(size),
+        "fps": fps,
+        "source": {"url": source},
+        "sinks": sinks,
+        "presets": {"folder": "presets", "start": start},
+    }
+    path = folder / "daemon.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 class Lines:
     """A text stream for the status line that keeps every line."""
 

@@ -30,13 +30,11 @@ from pathlib import Path
 import peers
 import pytest
 import sync_pattern
-import yaml
 from conftest import require_tool
-from daemon_harness import running, wait_for, write_config
+from daemon_harness import demo_config, running, wait_for, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = (128, 128)  # the demo model's resolution
 FPS = 15
 #: output ticks a single frame may miss on a busy machine
@@ -49,29 +47,6 @@ SINGLE_PAIR_LIMIT = 0.300
 def _stop_peers():
     yield
     peers.stop_all()
-
-
-def demo_config(folder: Path, source: str, sinks: list[str], start: str) -> Path:
-    """The demo model (trained here, draws) with the demo presets, at the demo's size, SSF
-    off (every frame goes through the model: the styled delay is a model call)."""
-    presets = folder / "presets"
-    presets.mkdir()
-    for path in (ROOT / "configs" / "demo_presets").glob("*.yaml"):
-        preset = yaml.safe_load(path.read_text())
-        if "ssf" in preset:
-            preset["ssf"] = {"enabled": False}
-        (presets / path.name).write_text(yaml.safe_dump(preset))
-    config = {
-        "model": {"id": "demo", "taesd": "demo", "device": "cpu"},
-        "resolution": list(SIZE),
-        "fps": FPS,
-        "source": {"url": source},
-        "sinks": sinks,
-        "presets": {"folder": "presets", "start": start},
-    }
-    path = folder / "daemon.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def record(url: str, path: Path, seconds: float, fmt: str | None = None) -> subprocess.Popen:
@@ -139,7 +114,9 @@ def test_rtmp_in_styled_then_passthrough_in_sync_on_udp_nginx_and_mp4(tmp_path):
     seconds = 24.0
     with peers.Nginx() as nginx:
         sinks = [udp, nginx.url("out"), str(tmp_path / "mp4.mp4")]
-        config = demo_config(tmp_path, f"{url}?listen=1", sinks, "sepia")
+        config = demo_config(
+            tmp_path, source=f"{url}?listen=1", sinks=sinks, start="sepia", size=SIZE, fps=FPS
+        )
         with running(config) as (daemon, _, _lines):
             wait_for_listener(daemon)
             udp_in = f"{udp}?fifo_size=100000&overrun_nonfatal=1"
