@@ -6,7 +6,7 @@ with the ``time.monotonic()`` of its first sample, the clock of
 :attr:`~broadcast_filter.media.base.Frame.captured_at`. The stamp comes from the stream's
 own timestamps mapped onto that clock by :class:`MediaClock`, so audio and video captured at
 the same instant carry the same time even though they arrive at different moments. The
-daemon's :class:`~broadcast_filter.runtime.audio_line.AudioLine` then delays the audio by
+daemon's :class:`~broadcast_filter.runtime.av_sync.AudioLine` then delays the audio by
 the video's latency and hands it to the sinks that carry sound.
 """
 
@@ -40,11 +40,12 @@ class MediaClock:
     """Maps a stream's media time (seconds, from its timestamps) onto ``time.monotonic()``.
 
     Each decoded video frame gives ``arrival - media_time``; the smallest seen is the offset
-    (the frame that met the least delay on its way). A source stamps its video *and* audio
-    with :meth:`at`, so both carry the time the stream says they were captured, on one clock,
-    whatever jitter each met on the way; the daemon's latency figures then start from the
-    earliest possible arrival. A jump in the timestamps (a publisher that restarts its clock)
-    of more than :data:`REANCHOR_S` re-anchors the clock; a new connection calls :meth:`reset`.
+    (the frame that met the least delay on its way). A source stamps its video
+    (:meth:`video`) and its audio (:meth:`at`) with it, so both carry the time the stream
+    says they were captured, on one clock, whatever jitter each met on the way; the
+    daemon's latency figures then start from the earliest possible arrival. A jump in the
+    timestamps (a publisher that restarts its clock) of more than :data:`REANCHOR_S`
+    re-anchors the clock; a new connection calls :meth:`reset`.
     """
 
     REANCHOR_S = 1.0

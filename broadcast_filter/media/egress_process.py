@@ -34,7 +34,12 @@ import numpy as np
 from broadcast_filter.backoff import Backoff
 from broadcast_filter.media import portable, wire
 from broadcast_filter.media.aac import AacTrack
-from broadcast_filter.media.h264 import SEND_TIME_BASE, add_h264_stream, live_bitrate
+from broadcast_filter.media.h264 import (
+    SEND_TIME_BASE,
+    add_h264_stream,
+    live_bitrate,
+    send_time_pts,
+)
 from broadcast_filter.media.ingest_process import reason
 from broadcast_filter.media.jitter import JitterBuffer
 from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
@@ -115,7 +120,6 @@ def send(
 ) -> None:
     """Encode and mux frames until the buffer closes; pts follow the time each frame was sent,
     and audio is placed by the time it goes on air, on the same timeline."""
-    rate = SEND_TIME_BASE.denominator
     buffer, audio = buffers
     t0: float | None = None
     pts = -1
@@ -123,7 +127,7 @@ def send(
         drops.update()
         image, sent_at = item
         t0 = sent_at if t0 is None else t0
-        pts = max(pts + 1, round((sent_at - t0) * rate))
+        pts = send_time_pts(pts, sent_at, t0)
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = pts
         container.mux(stream.encode(frame))

@@ -22,6 +22,12 @@ from broadcast_filter.media.rate import frame_rate
 SEND_TIME_BASE = Fraction(1, 90_000)
 
 
+def send_time_pts(previous: int, sent_at: float, t0: float) -> int:
+    """A frame's pts in :data:`SEND_TIME_BASE`: its send time since ``t0``, at least one
+    more than the ``previous`` frame's."""
+    return max(previous + 1, round((sent_at - t0) * SEND_TIME_BASE.denominator))
+
+
 def add_h264_stream(
     container: av.container.OutputContainer,
     *,

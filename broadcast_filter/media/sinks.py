@@ -21,7 +21,7 @@ from pyvirtualcam.camera import BACKENDS
 from .aac import AacTrack
 from .audio import AUDIO_BITRATE
 from .base import MediaError, Sink, audio_track
-from .h264 import SEND_TIME_BASE, add_h264_stream
+from .h264 import SEND_TIME_BASE, add_h264_stream, send_time_pts
 from .sources import Device
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class FileSink(Sink):
         if self.audio:
             now = time.monotonic()
             self._t0 = now if self._t0 is None else self._t0
-            self._pts = max(self._pts + 1, round((now - self._t0) * SEND_TIME_BASE.denominator))
+            self._pts = send_time_pts(self._pts, now, self._t0)
         else:
             self._pts = self.frames
         self._frame.pts = self._pts
