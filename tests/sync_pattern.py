@@ -58,6 +58,7 @@ class Reading:
     audio_samples: int
     audio_duration: float  # from the first to the last audio sample's timestamp
     video_frames: int
+    video_start: float  # the first video frame's time
     audio_gaps: list[float]  # jumps between decoded audio frames (s; + gap, - overlap)
 
     @property
@@ -99,10 +100,11 @@ def measure(path: str, *, fmt: str | None = None, options: dict | None = None) -
                     chunks += [(o.time, o.to_ndarray()[0]) for o in mono.resample(frame)]
     finally:
         container.close()
-    flashes = _flash_onsets(brightness)
-    beeps, samples, span = _beep_onsets(chunks)
-    pairs = _pair(flashes, beeps)
-    return Reading(flashes, beeps, pairs, samples, span, len(brightness), _gaps(chunks))
+    flashes = flash_onsets(brightness)
+    beeps, samples, span = beep_onsets(chunks)
+    pairs = pair(flashes, beeps)
+    start = min((t for t, _ in brightness), default=0.0)
+    return Reading(flashes, beeps, pairs, samples, span, len(brightness), start, _gaps(chunks))
 
 
 def _gaps(chunks: list[tuple[float, np.ndarray]]) -> list[float]:
@@ -116,7 +118,7 @@ def _gaps(chunks: list[tuple[float, np.ndarray]]) -> list[float]:
     return gaps
 
 
-def _flash_onsets(brightness: list[tuple[float, float]]) -> list[float]:
+def flash_onsets(brightness: list[tuple[float, float]]) -> list[float]:
     """Times of frames that are much brighter than the frame before (mid-way threshold)."""
     brightness.sort()
     values = np.array([b for _, b in brightness])
@@ -129,7 +131,7 @@ def _flash_onsets(brightness: list[tuple[float, float]]) -> list[float]:
     return [brightness[i][0] for i in range(1, len(values)) if bright[i] and not bright[i - 1]]
 
 
-def _beep_onsets(chunks: list[tuple[float, np.ndarray]]) -> tuple[list[float], int, float]:
+def beep_onsets(chunks: list[tuple[float, np.ndarray]]) -> tuple[list[float], int, float]:
     """Times of the first loud sample of each beep, the sample count and the time span."""
     if not chunks:
         return [], 0, 0.0
@@ -148,7 +150,7 @@ def _beep_onsets(chunks: list[tuple[float, np.ndarray]]) -> tuple[list[float], i
     return onsets, total, end - chunks[0][0]
 
 
-def _pair(flashes: list[float], beeps: list[float]) -> list[tuple[float, float]]:
+def pair(flashes: list[float], beeps: list[float]) -> list[tuple[float, float]]:
     """For each flash, the offset of the nearest beep (within half a period)."""
     pairs = []
     for flash in flashes:

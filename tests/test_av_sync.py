@@ -276,3 +276,29 @@ def test_a_model_slower_than_the_input_moves_the_delay_by_half_what_it_skips():
     skipped.shown(T0 + 60 * f)
     assert skipped.shown(T0 + 61 * f) == pytest.approx(0.0, abs=1e-9)
     assert skipped.shown(T0 + 61 * f + 5.0) == 0.0
+
+
+def test_frames_the_delay_cannot_cover_are_counted_off_sync():
+    """A steady latency is never off sync; on a machine where the latency spreads wider than
+    broadcast tolerance (-40 .. +60 ms around the delay) the frames outside it are counted,
+    with the events a skipped span may hold, and the status says what share of the recent
+    ones are."""
+    tracker = DelayTracker(15)
+    line = AudioLine(tracker)
+    for _ in range(30):
+        tracker.observe(0.100)
+    assert (tracker.frames, tracker.off_sync, tracker.recent_off_sync) == (30, 0, 0.0)
+    assert line.state == "delay 110 ms"
+    # within tolerance: 60 ms faster than the delay (audio 60 ms late), 40 ms slower
+    tracker.observe(tracker.delay - 0.059)
+    tracker.observe(tracker.delay + 0.039)
+    assert tracker.off_sync == 0
+    # past it: a frame 70 ms fast, one 50 ms slow, one on time whose skipped span reaches
+    # 50 ms beyond the delay (an event in the skipped input shows that late)
+    delay = tracker.delay
+    tracker.observe(delay - 0.070)
+    tracker.observe(delay + 0.050)
+    tracker.observe(delay, skipped=0.050)
+    assert tracker.delay == delay and tracker.off_sync == 3 and tracker.frames == 35
+    assert tracker.recent_off_sync == pytest.approx(3 / 15)
+    assert line.state == "delay 110 ms, 20% of frames off sync"

@@ -107,11 +107,14 @@ class BlockingEngine(SlowEngine):
     def __init__(self, block: float, at_call: int = 10) -> None:
         super().__init__(0.01)
         self.block, self.at_call, self.blocked = block, at_call, threading.Event()
+        self.blocked_span = (0.0, 0.0)  # monotonic start and end of the block
 
     def process(self, image: np.ndarray, now: float) -> tuple[np.ndarray, bool]:
         if self.calls == self.at_call and not self.blocked.is_set():
             self.blocked.set()
+            start = time.monotonic()
             time.sleep(self.block)
+            self.blocked_span = (start, time.monotonic())
         return super().process(image, now)
 
 
@@ -127,7 +130,11 @@ def test_output_keeps_sending_live_passthrough_while_the_engine_is_blocked_for_s
     daemon.watchdog.policy = safety
     assert daemon.run() == 0
     assert engine.blocked.is_set() and len(sink.times) == 120
-    assert np.diff(sink.times).max() < 2 / 20  # no gap in the output's own timeline
+    # the output did not wait for the engine: it went on sending through the block (at
+    # least half its 20 fps: a busy machine may delay single ticks, not stop the thread)
+    start, end = engine.blocked_span
+    during = sum(start < t < end for t in sink.times)
+    assert during >= (end - start) * 20 / 2, (during, end - start)
     lines = "".join(daemon.status.stream.lines)
     assert "on air: pass (passthrough: engine stalled (one call > 0.3 s))" in lines
     assert "on air: fade (engine recovered)" in lines

@@ -104,6 +104,11 @@ class StatusCollector:
                 "silence put on air for want of source audio",
                 value=_number(audio["silence_s"]),
             )
+            yield CounterMetricFamily(
+                f"{PREFIX}_audio_off_sync_frames",
+                "fresh frames whose events may meet their sound outside broadcast tolerance",
+                value=_number(audio["off_sync_frames"]),
+            )
         health = s.get("health")
         if health:
             yield GaugeMetricFamily(f"{PREFIX}_ready", "first output sent", float(health["ready"]))

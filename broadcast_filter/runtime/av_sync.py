@@ -16,7 +16,10 @@ continuous output timeline: output sample ``j`` goes on air at wall time ``j / R
 times the rate (no drift), and the samples it carries are those captured ``delay`` seconds
 earlier. Where no input was captured (no audio, a lost source) it emits silence. When the
 lasting delay changes (another preset, passthrough) the read position jumps once, with a
-short crossfade between the old and the new position: no click, no pitch change. Audio is
+short crossfade between the old and the new position: no click, no pitch change. Where the
+video's latency spreads wider than broadcast tolerance (a loaded machine, a model much
+slower than the input), no single delay keeps every frame in sync: the tracker counts the
+frames off sync and the status line says what share of the recent ones are. Audio is
 emitted ``margin`` seconds behind the wall clock, so samples that arrive a little after
 their video frame (audio is encoded in blocks) are already there; sinks place each chunk by
 its ``at`` time, so this adds no offset.
@@ -57,6 +60,8 @@ class DelayTracker:
 
     #: the sync window aimed at: audio at most this early / late (tolerance 40 / 60 ms)
     EARLY_S, LATE_S = 0.030, 0.050
+    #: broadcast tolerance: a frame whose events may meet audio further off is off sync
+    TOLERANCE_EARLY_S, TOLERANCE_LATE_S = 0.040, 0.060
     #: where a steady latency puts the sound: the window's middle, this much late
     CENTRE_S = (LATE_S - EARLY_S) / 2
 
@@ -66,6 +71,12 @@ class DelayTracker:
         self.delay: float | None = None
         #: how many times the lasting delay changed after the first window
         self.changes = 0
+        #: fresh frames seen, and those an event of which may meet its sound outside
+        #: broadcast tolerance (the video's spread is wider than any one delay can cover:
+        #: a loaded machine, a model slower than the input)
+        self.frames = 0
+        self.off_sync = 0
+        self._recent_off: deque[bool] = deque(maxlen=window)
 
     def target(self) -> float:
         """Where the delay should be, from the recent frames' event delays."""
@@ -97,15 +108,29 @@ class DelayTracker:
         shows up with this frame); True when the lasting delay changed."""
         self._recent.append((latency, latency + skipped))
         target = self.target()
+        changed = False
         if self.delay is None or len(self._recent) < (self._recent.maxlen or 0):
             changed = target != self.delay
             self.delay = target  # settling: the first window follows the target freely
-            return changed
-        if abs(target - self.delay) > self.tolerance:
+        elif abs(target - self.delay) > self.tolerance:
             self.delay = target
             self.changes += 1
-            return True
-        return False
+            changed = True
+        off = not (
+            self.delay - self.TOLERANCE_LATE_S
+            <= latency
+            <= latency + skipped
+            <= self.delay + self.TOLERANCE_EARLY_S
+        )
+        self.frames += 1
+        self.off_sync += off
+        self._recent_off.append(off)
+        return changed
+
+    @property
+    def recent_off_sync(self) -> float:
+        """The share of the recent frames that are off sync (0 .. 1)."""
+        return sum(self._recent_off) / len(self._recent_off) if self._recent_off else 0.0
 
 
 class SkippedInput:
@@ -181,7 +206,10 @@ class AudioLine:
     def state(self) -> str:
         if self.delay is None:
             return "waiting for the first frame"
-        return f"delay {self.delay * 1000:.0f} ms"
+        text = f"delay {self.delay * 1000:.0f} ms"
+        if off := self.tracker.recent_off_sync:
+            text += f", {off:.0%} of frames off sync"
+        return text
 
     def put(self, chunk: AudioChunk) -> None:
         """Store captured samples at their capture time."""

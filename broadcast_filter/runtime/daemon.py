@@ -181,6 +181,8 @@ class Daemon:
             "delay_s": line.delay,
             "silence_s": line.silent / RATE,
             "skipped_s": line.skipped / RATE,
+            "frames": self.delay.frames,
+            "off_sync_frames": self.delay.off_sync,
             "sinks": [name for name, sink in list(self.sinks.sinks.items()) if sink.audio],
         }
 

@@ -1,0 +1,125 @@
+"""What the daemon put on air, logged inside it, to hold each recording of it against.
+
+How far a flash and its beep leave apart depends on the machine: on a loaded 2-core CPU a
+frame may wait a model call longer than the lasting delay the audio is held by. What the
+design guarantees whatever the speed is that every output carries the offsets the daemon
+emitted: the video stamped with its send time, the audio with its on-air time, on one
+clock. So the tests log, inside the running daemon, when each sink was handed each picture
+(its brightness) and when each audio chunk goes on air (its samples), find the flash/beep
+pairs in that log as :mod:`sync_pattern` finds them in a recording, and compare the two.
+
+The log wraps the sinks' ``send`` and the group's ``send_audio`` (a spy: it passes every
+call on unchanged); the daemon itself is the real one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import sync_pattern
+
+#: a recording's offset may differ from the emitted one by this much: onsets found in
+#: AAC-coded audio (a coding delay of a few ms either way) and timestamps rounded to ms (FLV)
+MATCH_S = 0.010
+
+
+class OnAir:
+    """The pictures and audio the daemon's sinks were given, from :meth:`attach` on."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        self._lock = threading.Lock()
+        self.video: dict[str, list[tuple[float, float]]] = {}  # sink -> (sent at, brightness)
+        self.audio: list[tuple[float, np.ndarray]] = []  # (on air at, mono samples)
+        self._sinks = dict(daemon.sinks.sinks)
+        for name, sink in self._sinks.items():
+            self.video[name] = []
+            sink.send = self._spy(sink.send, self.video[name])
+        group = daemon.sinks
+        send_audio = group.send_audio
+
+        def logged_audio(samples: np.ndarray, at: float, now: float) -> None:
+            with self._lock:
+                self.audio.append((at, samples[:, 0].copy()))
+            send_audio(samples, at, now)
+
+        group.send_audio = logged_audio
+
+    def _spy(self, send: Any, log: list[tuple[float, float]]) -> Any:
+        def logged(image: np.ndarray) -> None:
+            at = time.monotonic()  # what the sink stamps the picture with (its send time)
+            with self._lock:
+                log.append((at, float(image.mean())))
+            send(image)
+
+        return logged
+
+    def sink(self, fragment: str) -> str:
+        """The name of the one sink whose name contains ``fragment``."""
+        (name,) = [n for n in self.video if fragment in n]
+        return name
+
+    def dropped(self, name: str) -> int:
+        """Frames sink ``name`` dropped on the way to its encoder (counted under load)."""
+        return getattr(self._sinks[name], "dropped", 0)
+
+    def first_sent(self, name: str) -> float:
+        return self.video[name][0][0]
+
+    def pairs(self, name: str) -> list[tuple[float, float]]:
+        """(flash sent at, offset of its beep) for what sink ``name`` was given."""
+        with self._lock:
+            video, audio = list(self.video[name]), list(self.audio)
+        flashes = sync_pattern.flash_onsets(video)
+        beeps, _, _ = sync_pattern.beep_onsets(audio)
+        return sync_pattern.pair(flashes, beeps)
+
+
+def match(
+    recorded: list[tuple[float, float]], emitted: list[tuple[float, float]], zero_at: float
+) -> list[tuple[float, float]]:
+    """(recorded offset, emitted offset) for each recorded pair: the recording's flashes
+    are a run of the emitted ones, found by their spacing (a loaded machine makes it
+    uneven); among runs that fit as well (an even spacing), the one nearest to where the
+    recording started (``zero_at``: about the daemon's time at the recording's time 0)."""
+    rec = [f for f, _ in recorded]
+    sent = [t for t, _ in emitted]
+    n = len(rec)
+    assert 0 < n <= len(sent), f"{n} flashes recorded, {len(sent)} sent"
+    fits = []
+    for s in range(len(sent) - n + 1):
+        misfit = statistics.median(
+            abs((rec[i] - rec[0]) - (sent[s + i] - sent[s])) for i in range(n)
+        )
+        fits.append((misfit, abs(sent[s] - (zero_at + rec[0])), s))
+    best = min(misfit for misfit, _, _ in fits)
+    _, _, shift = min(fit for fit in fits if fit[0] <= best + 0.005)
+    assert best <= 0.005, f"the recorded flashes are no run of the sent ones: {rec} vs {sent}"
+    return [(m, emitted[shift + i][1]) for i, (_, m) in enumerate(recorded)]
+
+
+def check_carried(
+    recorded: list[tuple[float, float]],
+    emitted: list[tuple[float, float]],
+    zero_at: float,
+    what: str,
+    *,
+    dropped: int = 0,
+) -> list[float]:
+    """Every recorded pair has the offset the daemon emitted (within :data:`MATCH_S`). A
+    sink that dropped frames (counted, under load) may show a flash a frame later than it
+    was given it: its audio may be that much earlier, never later. Returns the offsets."""
+    matched = match(recorded, emitted, zero_at)
+    errors = ", ".join(f"{(m - e) * 1e3:+.0f}" for m, e in matched)
+    print(
+        f"{what}: recorded minus emitted offset, ms: [{errors}]"
+        + (f"; sink dropped {dropped}" if dropped else "")
+    )
+    for m, e in matched:
+        assert m <= e + MATCH_S, f"{what}: audio later than emitted: {matched}"
+        assert dropped or m >= e - MATCH_S, f"{what}: audio earlier than emitted: {matched}"
+    return [m for m, _ in matched]
