@@ -118,14 +118,15 @@ def sync_case(transport: str, mode: str, seconds: float, settle: float, cache: s
     """One daemon: publish the pattern, record every output, pair flashes with beeps."""
     folder = Path(tempfile.mkdtemp(prefix=f"av-{transport}-{mode}-"))
     try:
-        outputs, errors, (delay, model_fps), status = _sync_run(
+        outputs, errors, (delay, model_fps, off_sync), status = _sync_run(
             transport, mode, folder, seconds, settle, cache
         )
         print(f"done: {transport} {mode}; status: {status}", file=sys.stderr)
         rows = []
         for i, name in enumerate(outputs):
             row = {"in": transport, "out": name, "mode": mode, "model_fps": round(model_fps, 1),
-                   "delay_ms": None if delay is None else round(delay * 1e3)}  # fmt: skip
+                   "delay_ms": None if delay is None else round(delay * 1e3),
+                   "off_sync": off_sync}  # fmt: skip
             if name in errors:
                 rows.append({**row, "error": errors[name]})
             else:
@@ -137,7 +138,8 @@ def sync_case(transport: str, mode: str, seconds: float, settle: float, cache: s
 
 def _sync_run(transport: str, mode: str, folder: Path, seconds: float, settle: float, cache: str):
     """Run the case's daemon and recorders into ``folder``: (outputs, recorder errors, (the
-    daemon's lasting delay, its model fps) at the end, its status line)."""
+    daemon's lasting delay, its model fps, "frames off sync / frames" while recording) at the
+    end, its status line)."""
     with contextlib.ExitStack() as stack:
         stack.callback(peers.stop_all)
         source, target, fmt, ready = source_for(transport)
@@ -154,6 +156,7 @@ def _sync_run(transport: str, mode: str, folder: Path, seconds: float, settle: f
         publisher = publish(target, fmt, seconds + settle + 30)
         wait_for("audio through the daemon", lambda: daemon.audio.received > 0, 60)
         time.sleep(settle)
+        frames, off = daemon.delay.frames, daemon.delay.off_sync
         recorders = {name: record(url, folder / f"{i}.ts", seconds)
                      for i, (name, url) in enumerate(outputs.items())}  # fmt: skip
         errors = {}
@@ -164,9 +167,10 @@ def _sync_run(transport: str, mode: str, folder: Path, seconds: float, settle: f
             except subprocess.TimeoutExpired:
                 errors[name] = "the recorder did not finish"
         delay, model_fps = daemon.delay.delay, daemon.stats()["fps_model"]
+        off_sync = f"{daemon.delay.off_sync - off}/{daemon.delay.frames - frames}"
         status = daemon.status_text(time.monotonic())
         peers.stop(publisher)
-        return outputs, errors, (delay, model_fps), status
+        return outputs, errors, (delay, model_fps, off_sync), status
 
 
 def summarize(reading: sync_pattern.Reading) -> dict[str, Any]:
@@ -339,8 +343,9 @@ def main() -> None:
     if sync:
         print(f"A/V offset (beep - flash, + = audio late), tolerance "
               f"{sync_pattern.EARLY * 1e3:+.0f}..{sync_pattern.LATE * 1e3:+.0f} ms")  # fmt: skip
-        print(table(sync, ["in", "out", "mode", "model_fps", "delay_ms", "pairs", "median_ms",
-                           "worst_ms", "in_tolerance", "offsets_ms", "error"]))  # fmt: skip
+        columns = ["in", "out", "mode", "model_fps", "delay_ms", "off_sync", "pairs",
+                   "median_ms", "worst_ms", "in_tolerance", "offsets_ms", "error"]  # fmt: skip
+        print(table(sync, columns))
     if cpu:
         print(f"\nCPU per second of stream ({args.cpu_size}, {FPS} fps, passthrough, RTMP in, "
               "UDP out): this process + ingest/egress processes; publisher apart")  # fmt: skip

@@ -24,8 +24,13 @@ def watch(url: str) -> None:
     while True:
         try:
             with av.open(url, options=options, timeout=(OPEN_TIMEOUT, READ_TIMEOUT)) as container:
-                for frame in container.decode(video=0):
-                    print(frame.width, frame.height, flush=True)
+                for packet in container.demux(video=0):
+                    try:  # joined mid-stream: packets before the first keyframe are refused
+                        frames = packet.decode()
+                    except av.error.InvalidDataError:
+                        continue
+                    for frame in frames:
+                        print(frame.width, frame.height, flush=True)
         except av.error.FFmpegError as exc:
             print(f"# re-opening: {exc}", file=sys.stderr, flush=True)
         time.sleep(0.2)

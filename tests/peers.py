@@ -369,9 +369,14 @@ def read(url: str, fmt: str, seconds: float, *, until_end: float = 0.0) -> Recei
         try:
             timeout = (3.0, read_timeout)
             with av.open(url, format=fmt, options=options, timeout=timeout) as container:
-                for frame in container.decode(video=0):
-                    received.add(frame.to_ndarray(format="gray"))
-                    received.frames += 1
+                for packet in container.demux(video=0):
+                    try:  # joined mid-stream: packets before the first keyframe are refused
+                        frames = packet.decode()
+                    except av.error.InvalidDataError:
+                        continue
+                    for frame in frames:
+                        received.add(frame.to_ndarray(format="gray"))
+                        received.frames += 1
                     if time.monotonic() > deadline:
                         break
         except av.error.FFmpegError:

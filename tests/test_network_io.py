@@ -461,6 +461,38 @@ def test_udp_source_receives_mpegts_from_the_ffmpeg_cli():
 
 @pytest.mark.slow
 @pytest.mark.peers
+def test_a_udp_source_joining_a_running_stream_waits_for_the_keyframe_without_reconnecting():
+    """The ffmpeg CLI streams noisy H.264 (big frames, a keyframe every 2 s) before the
+    source opens, so the source joins mid-GOP: the decoder refuses the packets before the
+    first keyframe. Those are skipped and counted (players do the same); the connection is
+    never given up (before: "lost (Invalid data found ...)" and a re-open, again mid-GOP)."""
+    require_tool("ffmpeg")
+    port = peers.free_port(peers.socket.SOCK_DGRAM)
+    video = f"testsrc2=s={SIZE[0]}x{SIZE[1]}:r={FPS},noise=alls=60:allf=t"
+    target = f"udp://127.0.0.1:{port}?pkt_size=1316"
+    argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i", video,
+            "-t", "14", "-c:v", "libx264", "-preset", "ultrafast", "-g", str(2 * FPS),
+            "-pix_fmt", "yuv420p", "-f", "mpegts", target]  # fmt: skip
+    peers.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2.5)  # the stream runs before anyone listens
+    collector = Collector(UdpSource(f"udp://127.0.0.1:{port}"))
+    states: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while collector.frames < 3 * FPS and time.monotonic() < deadline:
+            if not states or states[-1] != collector.source.state:
+                states.append(collector.source.state)
+            time.sleep(0.01)
+        print(f"\nstates: {states[-3:]}")
+        assert collector.frames >= 3 * FPS, f"{collector.frames} frames; states {states[-5:]}"
+        assert not [s for s in states if "lost" in s], states
+        assert not collector.losses, collector.losses
+    finally:
+        collector.close()
+
+
+@pytest.mark.slow
+@pytest.mark.peers
 def test_udp_sink_reaches_an_independent_reader():
     udp_sink_to_reader("UdpSink -> PyAV reader")
 

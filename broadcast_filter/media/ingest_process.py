@@ -13,7 +13,9 @@ monotonic clock (:class:`~broadcast_filter.media.audio.MediaClock`). The first a
 when there is one, is decoded too and sent as 48 kHz stereo float32
 (:mod:`~broadcast_filter.media.audio`), stamped on the same clock, so audio and video
 captured at one instant carry one time. Audio that cannot be decoded is skipped and said on
-the audio state; the video goes on.
+the audio state; the video goes on. A video packet the decoder refuses (one before the first
+keyframe, when the stream was joined mid-way, or one damaged on the way) is skipped and
+counted on the state, as players do: the picture resumes at the next keyframe.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 import av
@@ -123,6 +126,51 @@ class AudioDecoder:
             self._failing = 0
 
 
+class VideoDecoder:
+    """Decodes the video packets to the parent, skipping (and counting on the state, at 1, 2,
+    4, 8 ...) those the decoder refuses; :data:`GIVE_UP_AFTER` of them in a row without a
+    picture is a broken stream (it is opened again)."""
+
+    GIVE_UP_AFTER = 1000  # more than any keyframe interval a live encoder uses
+
+    def __init__(
+        self, stream: av.VideoStream, report: Reporter, waiting: str, on_live: Callable[[], None]
+    ) -> None:
+        self.codec, self.report, self.waiting = stream.codec_context, report, waiting
+        self.on_live = on_live
+        self.codec.thread_type = "SLICE"  # frame threads add a frame of delay each
+        self.live = False
+        self.skipped = self._failing = 0
+
+    def decode(self, packet: av.Packet | None) -> None:
+        try:
+            frames = self.codec.decode(packet)
+        except av.error.InvalidDataError:
+            if packet is None:
+                return
+            self.skipped += 1
+            self._failing += 1
+            if self._failing >= self.GIVE_UP_AFTER:
+                raise
+            if self.skipped & (self.skipped - 1) == 0:  # 1, 2, 4, 8 ...: say it, never flood
+                self._say()
+            return
+        for frame in frames:
+            self._failing = 0
+            if not self.live:
+                self.live = True
+                self.on_live()
+                self._say()
+            self.report.frame(frame)
+
+    def _say(self) -> None:
+        skipped = f", {self.skipped} undecodable video packets skipped" if self.skipped else ""
+        if self.live:
+            self.report.state(wire.LIVE, "live" + skipped)
+        else:
+            self.report.state(wire.CONNECTING, f"{self.waiting}: waiting for a keyframe{skipped}")
+
+
 def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None = None) -> None:
     url, fmt, label = spec["url"], spec["format"], spec["label"]
     listen = bool(spec["listen"])
@@ -154,16 +202,16 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
                 report.state(wire.CONNECTING, why)
                 time.sleep(delay)
             continue  # a listener that heard nothing yet just keeps waiting
-        live, why = False, "end of stream"
+        why = "end of stream"
         report.new_connection()
+        video = None
         try:
             if not container.streams.video:
                 kinds = "audio only" if container.streams.audio else "no streams"
                 raise NoVideo(f"no video stream in {label} ({kinds}): nothing to filter")
             note = ""
             stream = container.streams.video[0]
-            stream.codec_context.thread_type = "SLICE"  # frame threads add a frame of delay each
-            decoder = stream.codec_context
+            video = VideoDecoder(stream, report, waiting, backoff.reset)
             audio = container.streams.audio[0] if container.streams.audio else None
             sound = AudioDecoder(audio, report, split="fflags" in options)
             streams = [stream] if audio is None else [stream, audio]
@@ -172,16 +220,10 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
                     if packet.stream is not stream:
                         sound.decode(packet)
                         continue
-                    for frame in decoder.decode(packet):
-                        if not live:
-                            live = True
-                            backoff.reset()
-                            report.state(wire.LIVE, "live")
-                        report.frame(frame)
+                    video.decode(packet)
             except av.error.FFmpegError as exc:  # a publisher that leaves is an I/O error
                 why = reason(exc)
-                for frame in decoder.decode(None):  # so its last frame is not lost
-                    report.frame(frame)
+                video.decode(None)  # so its last frame is not lost
         except NoVideo as exc:
             why = str(exc)
             note = f"; the last publisher sent {why}"
@@ -189,7 +231,7 @@ def ingest(spec: dict, report: Reporter, bridge: subprocess.Popen[bytes] | None 
             why = reason(exc)
         finally:
             container.close()
-        code = wire.LOST if live else wire.CONNECTING
+        code = wire.LOST if video is not None and video.live else wire.CONNECTING
         if listen:
             report.state(code, f"lost ({why}), waiting for publisher")
         else:
