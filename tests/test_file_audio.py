@@ -171,11 +171,13 @@ def test_a_garbled_audio_stream_keeps_the_video(tmp_path, suffix, caplog):
 # --- FileSink ---------------------------------------------------------------------------------
 
 
-def record(path: Path, flash: int, frames: int) -> int:
+def record(path: Path, flash: int, frames: int) -> tuple[int, float]:
     """Send ``frames`` frames in real time (frame ``flash`` white, the rest black) and the
     audio the daemon would send: contiguous chunks, 0.1 s behind the wall clock and from the
     seventh frame on (so the first is due 0.1 s after the first frame), a beep starting at
-    the time the white frame was sent. Returns how many samples were sent.
+    the time the white frame was sent. Returns how many samples were sent and how long after
+    the first frame the first of them is on air (the track starts with the video: silence
+    until then).
 
     The two ticks before the flash send no frame (as when the daemon has no new picture):
     video pts never repeat, so on a busy machine one late frame can push the following ones
@@ -186,17 +188,20 @@ def record(path: Path, flash: int, frames: int) -> int:
     black = np.zeros((SIZE, SIZE, 3), np.uint8)
     white = np.full((SIZE, SIZE, 3), 255, np.uint8)
     start = time.monotonic()
-    flash_at = audio_at = None
-    sent = 0
+    flash_at = audio_at = first_frame = None
+    sent, lead = 0, 0.0
     for i in range(frames):
         time.sleep(max(0.0, start + i / FPS - time.monotonic()))
         now = time.monotonic()
+        first_frame = now if first_frame is None else first_frame
         flash_at = now if i == flash else flash_at
         if not flash - 2 <= i < flash:
             sink.send(white if i == flash else black)
         if i < 6:
             continue
-        audio_at = now - 0.1 if audio_at is None else audio_at
+        if audio_at is None:
+            audio_at = now - 0.1
+            lead = audio_at - first_frame
         n = int((now - 0.1 - audio_at) * RATE)
         t = audio_at + np.arange(n) / RATE
         samples = np.zeros((n, 2), np.float32)
@@ -207,13 +212,13 @@ def record(path: Path, flash: int, frames: int) -> int:
         sent += n
         audio_at += n / RATE
     sink.close()
-    return sent
+    return sent, lead
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
 def test_file_sink_records_audio_in_sync(tmp_path, suffix):
     path = tmp_path / f"rec{suffix}"
-    sent = record(path, flash=30, frames=60)
+    sent, lead = record(path, flash=30, frames=60)
     with av.open(str(path)) as container:
         assert container.streams.audio[0].codec_context.name == "aac"
         flashes = [
@@ -228,8 +233,10 @@ def test_file_sink_records_audio_in_sync(tmp_path, suffix):
     beeps = beep_onsets(times, samples)
     assert len(flashes) == len(beeps) == 1
     assert abs(beeps[0] - flashes[0]) < 1 / FPS, (beeps, flashes)
-    # every sample sent, plus at most the encoder's priming and padding
-    assert sent <= len(samples) <= sent + 2 * 1024
+    # the silence from the first frame to the first sample, every sample sent, plus at most
+    # the encoder's priming and padding
+    before = round(lead * RATE)
+    assert before + sent - 2 <= len(samples) <= before + sent + 2 * 1024, (before, sent)
 
 
 def test_file_sink_audio_options(tmp_path):
@@ -335,3 +342,29 @@ def test_a_recording_with_audio_cut_by_sigkill_still_decodes(tmp_path, suffix, s
     assert 30 <= frames <= sent
     if sound:  # the audio up to the last complete fragment (audio runs 0.1 s behind)
         assert samples >= (frames / FPS - 0.2) * RATE, (frames, samples)
+
+
+@pytest.mark.parametrize("lead_ms", [0.0, 10.0, 30.0])
+def test_file_sink_audio_track_starts_with_the_video_without_overlap(tmp_path, lead_ms):
+    """Sound that starts a little after the first frame (here ``lead_ms``): the track still
+    starts at the video's time 0 (silence first), so the encoder's priming sits where MP4
+    expects it. Before, a start within one AAC frame put the priming at pts 0 beside the
+    first real frame: a 21 ms overlap read back."""
+    path = tmp_path / "lead.mp4"
+    sink = open_sink(str(path), width=SIZE, height=SIZE, fps=FPS, audio="aac")
+    black = np.zeros((SIZE, SIZE, 3), np.uint8)
+    before = time.monotonic()
+    sink.send(black)
+    at = before + lead_ms / 1000
+    for i in range(40):
+        sink.send_audio(np.full((1024, 2), 0.1, np.float32), at + i * 1024 / RATE)
+        if i % 3 == 0:
+            sink.send(black)
+    sink.close()
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(audio=0))
+    starts = [f.time for f in decoded]
+    ends = [f.time + f.samples / RATE for f in decoded]
+    jumps = [b - a for a, b in zip(ends, starts[1:], strict=False) if abs(b - a) > 2 / RATE]
+    assert starts[0] == pytest.approx(0.0, abs=1 / RATE), starts[:3]
+    assert not jumps, jumps

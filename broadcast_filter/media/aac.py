@@ -4,9 +4,10 @@ The daemon hands a sink contiguous float32 chunks, each with the wall time its f
 goes on air (:meth:`~broadcast_filter.media.base.Sink.send_audio`). :class:`AacTrack` puts
 them on the video's timeline: with ``t0`` the time the sink's first video frame was sent
 (video pts ``round((sent_at - t0) * fps)``), a chunk on air at ``at`` starts at audio pts
-``round((at - t0) * RATE)``. Samples before ``t0`` are dropped; from then on the track is
-continuous (a gap between chunks is filled with silence, an overlap trimmed), encoded in the
-encoder's blocks of 1024 samples. The encoder's first packet is its priming (pts -1024):
+``round((at - t0) * RATE)``. The track starts at ``t0`` with the video: samples before it
+are dropped, a first chunk that starts later is preceded by silence; it is continuous (a gap
+between chunks is filled with silence, an overlap trimmed), encoded in the encoder's blocks
+of 1024 samples. The encoder's first packet is its priming (pts -1024):
 MP4 and MKV record it as such (the decoder skips it), MPEG-TS and FLV cannot carry a
 negative time (it wraps), so there it is not muxed.
 """
@@ -39,7 +40,7 @@ class AacTrack:
         """Place ``samples`` (on air at ``at``) on the timeline that starts at ``t0``."""
         start = round((at - t0) * RATE)
         if self._next is None:
-            self._next = max(0, start)
+            self._next = 0  # so the priming sits at -1024, where MP4 and MKV expect it
         end = self._next + len(self._pending)  # where the next sample would go
         if start < end:  # overlap (or before t0): keep only what is new
             samples = samples[min(len(samples), end - start) :]

@@ -34,7 +34,7 @@ from collections import deque
 
 import numpy as np
 
-from broadcast_filter.media.audio import CHANNELS, RATE, AudioChunk
+from broadcast_filter.media.audio import CHANNELS, RATE, AudioChunk, silence
 
 #: a chunk that starts this close to where the previous one ended is taken as contiguous
 #: (stamps carry rounding and the stream's own timestamp jitter)
@@ -232,12 +232,12 @@ class AudioLine:
 
     def pull(self, now: float) -> tuple[np.ndarray, float] | None:
         """The samples due on air up to ``now - margin`` since the last pull, and the wall
-        time of the first; ``None`` before the first frame's latency or when none are due."""
+        time of the first; ``None`` at the first pull (it starts the timeline) or when none
+        are due. Before the first frame's latency is known the output is silence (the
+        picture is the slate then): the sound starts with the output, never later."""
         end = math.floor((now - self.margin) * RATE)
         with self._lock:
             delay = self.tracker.delay
-            if delay is None:
-                return None
             if self._out is None:
                 self._out = end
                 return None
@@ -247,6 +247,10 @@ class AudioLine:
                 self.skipped += end - self._out - int(MAX_PULL_S * RATE)
                 self._out = end - int(MAX_PULL_S * RATE)
             start, n = self._out, end - self._out
+            self._out = end
+            if delay is None:
+                self.silent += n
+                return silence(n), start / RATE
             new = round(delay * RATE)
             samples = self._read(start - new, n, count=True)
             if self._read_delay is not None and self._read_delay != new:
@@ -261,7 +265,6 @@ class AudioLine:
                 if self._faded >= self._splice:
                     self._fade_from = None
             self._read_delay = new
-            self._out = end
         return samples, start / RATE
 
     def _read(self, start: int, n: int, *, count: bool = False) -> np.ndarray:
