@@ -14,6 +14,7 @@ import time
 
 import av
 import av.error
+from peers import video_frames
 
 #: seconds without data before the stream is re-opened; seconds to wait for it to open
 READ_TIMEOUT, OPEN_TIMEOUT = 3.0, 5.0
@@ -24,13 +25,8 @@ def watch(url: str) -> None:
     while True:
         try:
             with av.open(url, options=options, timeout=(OPEN_TIMEOUT, READ_TIMEOUT)) as container:
-                for packet in container.demux(video=0):
-                    try:  # joined mid-stream: packets before the first keyframe are refused
-                        frames = packet.decode()
-                    except av.error.InvalidDataError:
-                        continue
-                    for frame in frames:
-                        print(frame.width, frame.height, flush=True)
+                for frame in video_frames(container):
+                    print(frame.width, frame.height, flush=True)
         except av.error.FFmpegError as exc:
             print(f"# re-opening: {exc}", file=sys.stderr, flush=True)
         time.sleep(0.2)

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -350,6 +351,19 @@ def _publish_ffmpeg(url, fmt, pictures, frames, fps, size, start) -> int:
     return frames
 
 
+def video_frames(container: Any) -> Iterator[Any]:
+    """The decoded video frames of a PyAV input container, as a player shows them: packets
+    the decoder refuses (before the first keyframe of a stream joined mid-way) are skipped."""
+    import av.error
+
+    for packet in container.demux(video=0):
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            continue
+        yield from frames
+
+
 def read(url: str, fmt: str, seconds: float, *, until_end: float = 0.0) -> Received:
     """Decode a stream with PyAV alone (independent of our sources) and collect stamps.
 
@@ -369,14 +383,9 @@ def read(url: str, fmt: str, seconds: float, *, until_end: float = 0.0) -> Recei
         try:
             timeout = (3.0, read_timeout)
             with av.open(url, format=fmt, options=options, timeout=timeout) as container:
-                for packet in container.demux(video=0):
-                    try:  # joined mid-stream: packets before the first keyframe are refused
-                        frames = packet.decode()
-                    except av.error.InvalidDataError:
-                        continue
-                    for frame in frames:
-                        received.add(frame.to_ndarray(format="gray"))
-                        received.frames += 1
+                for frame in video_frames(container):
+                    received.add(frame.to_ndarray(format="gray"))
+                    received.frames += 1
                     if time.monotonic() > deadline:
                         break
         except av.error.FFmpegError:
