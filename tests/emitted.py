@@ -28,7 +28,7 @@ MATCH_S = 0.010
 
 
 class OnAir:
-    """The pictures and audio the daemon's sinks were given, from :meth:`attach` on."""
+    """The pictures and audio the daemon's sinks are given from the moment this is made."""
 
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
