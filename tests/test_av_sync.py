@@ -106,6 +106,32 @@ def test_output_count_follows_the_wall_clock_and_carries_the_delayed_input():
     assert line.silent == missing and line.skipped == 0
 
 
+def test_before_the_first_frame_the_line_emits_silence_on_the_same_timeline():
+    """No frame has gone out yet (no delay known: the slate is on air): the sound is silence
+    from the first pull on, counted, and the input is read, one delay back, as soon as the
+    first frame's latency is known, on the same contiguous timeline."""
+    tracker = DelayTracker(30)
+    line = AudioLine(tracker)
+    run = Run(line)
+    now = T0 + 1.0
+    run.feed(now)
+    assert run.pull(now) is None  # the first pull starts the timeline
+    for _ in range(10):
+        now += 0.05
+        run.feed(now)
+        run.pull(now)
+    _, before = run.output()
+    assert abs(len(before) - 0.5 * RATE) <= 1 and not before.any()  # floored ticks
+    assert line.silent == len(before)
+    tracker.observe(0.1)
+    now += 0.05
+    run.feed(now)
+    start, samples = run.pull(now)
+    source = np.arange(start, start + len(samples)) - round(tracker.delay * RATE)
+    np.testing.assert_array_equal(samples, noise(source))
+    assert line.silent == len(before)
+
+
 def test_missing_input_is_silence_and_counted():
     line = AudioLine(tracker_at(0.1))
     run = Run(line)
