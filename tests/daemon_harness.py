@@ -71,6 +71,7 @@ class RecordingSink(Sink):
         fps: float,
         reader: str = "none",
         audio: str = "off",
+        audio_format: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         self.audio = audio_track(audio, url)  # the sound itself is not recorded

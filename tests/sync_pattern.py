@@ -24,8 +24,11 @@ RATE = 48_000
 EARLY, LATE = -0.040, 0.060
 
 
-def lavfi_inputs(size: tuple[int, int], fps: float, seconds: float) -> list[str]:
-    """ffmpeg input arguments: the flashing video and the beeping audio, in step."""
+def lavfi_inputs(
+    size: tuple[int, int], fps: float, seconds: float, *, realtime: bool = True
+) -> list[str]:
+    """ffmpeg input arguments: the flashing video and the beeping audio, in step (read at
+    real time, unless ``realtime`` is false: for a file)."""
     w, h = size
     on = f"lt(mod(t\\,{PERIOD:g})\\,{FLASH:g})"
     video = (
@@ -34,18 +37,29 @@ def lavfi_inputs(size: tuple[int, int], fps: float, seconds: float) -> list[str]
     )
     beep = f"if(lt(mod(t,{PERIOD:g}),{FLASH:g}),0.8*sin(2*PI*1000*t),0)"
     audio = f"aevalsrc='{beep}|{beep}':s={RATE}:d={seconds:g}"
-    return ["-re", "-f", "lavfi", "-i", video, "-re", "-f", "lavfi", "-i", audio]
+    re = ["-re"] if realtime else []
+    return [*re, "-f", "lavfi", "-i", video, *re, "-f", "lavfi", "-i", audio]
 
 
 def publish_argv(
-    url: str, fmt: str, size: tuple[int, int], fps: float, seconds: float
+    url: str,
+    fmt: str,
+    size: tuple[int, int],
+    fps: float,
+    seconds: float,
+    *,
+    rate: int = RATE,
+    channels: int = 2,
+    realtime: bool = True,
 ) -> list[str]:
-    """The ffmpeg command that publishes the pattern (H.264 + AAC) to ``url`` as ``fmt``."""
+    """The ffmpeg command that publishes the pattern (H.264 + AAC in ``rate`` Hz,
+    ``channels`` channels) to ``url`` as ``fmt`` (or writes it to a file, not in real time)."""
     gop = str(max(1, round(fps)))
-    return ["ffmpeg", "-hide_banner", "-loglevel", "error", *lavfi_inputs(size, fps, seconds),
+    inputs = lavfi_inputs(size, fps, seconds, realtime=realtime)
+    return ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *inputs,
             "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", gop,
-            "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-ar", str(RATE),
-            "-f", fmt, url]  # fmt: skip
+            "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-ar", str(rate),
+            "-ac", str(channels), "-f", fmt, url]  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -108,12 +122,13 @@ def measure(path: str, *, fmt: str | None = None, options: dict | None = None) -
 
 
 def _gaps(chunks: list[tuple[float, np.ndarray]]) -> list[float]:
-    """Where a decoded audio frame does not start where the previous one ended (more than
-    two samples off: timestamps are rounded to the stream's time base)."""
+    """Where a decoded audio frame does not start where the previous one ended (more than a
+    millisecond off: FLV stamps in whole milliseconds, and a 44.1 kHz track's frames, read
+    back at 48 kHz, carry those stamps' rounding; a lost or doubled frame is 20 ms)."""
     gaps = []
     for (t0, a), (t1, _) in itertools.pairwise(chunks):
         jump = t1 - (t0 + len(a) / RATE)
-        if abs(jump) > 2 / RATE:
+        if abs(jump) > 0.001:
             gaps.append(jump)
     return gaps
 

@@ -18,6 +18,7 @@ choice is tested on simulated latencies (tests/test_av_sync.py).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import statistics
@@ -31,7 +32,7 @@ import pytest
 import sync_pattern
 from conftest import require_tool
 from daemon_harness import demo_config, running, wait_for, write_config
-from emitted import OnAir, check_carried
+from emitted import MATCH_S, OnAir, check_carried
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
@@ -70,16 +71,21 @@ def report(offsets: list[float], what: str) -> None:
 
 
 def check_output(
-    reading: sync_pattern.Reading, on_air: OnAir, sink: str, zero_at: float, what: str
+    reading: sync_pattern.Reading,
+    on_air: OnAir,
+    sink: str,
+    zero_at: float,
+    what: str,
+    within: float = MATCH_S,
 ) -> list[float]:
-    """The recording carries the emitted offsets; its audio is continuous; a pair out of
-    tolerance was counted off sync. ``zero_at``: about the daemon's time at the recording's
-    first video frame. Returns the recorded offsets."""
+    """The recording carries the emitted offsets (within ``within``); its audio is
+    continuous; a pair out of tolerance was counted off sync. ``zero_at``: about the
+    daemon's time at the recording's first video frame. Returns the recorded offsets."""
     print(f"\n{what}: {reading.summary()}; audio {reading.audio_samples} samples over "
           f"{reading.audio_duration:.2f} s")  # fmt: skip
     emitted, dropped = on_air.pairs(sink), on_air.dropped(sink)
     offsets = check_carried(
-        reading.pairs, emitted, zero_at - reading.video_start, what, dropped=dropped
+        reading.pairs, emitted, zero_at - reading.video_start, what, dropped=dropped, within=within
     )
     check_continuous(reading)
     tracker = on_air.daemon.delay
@@ -286,7 +292,7 @@ def test_malformed_audio_keeps_the_video_going(tmp_path, model_cache):
     happened to the audio."""
     recording = tmp_path / "in.ts"
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
-            *[a for a in sync_pattern.lavfi_inputs(SIZE, FPS, 12) if a != "-re"],
+            *sync_pattern.lavfi_inputs(SIZE, FPS, 12, realtime=False),
             "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "15",
             "-pix_fmt", "yuv420p", "-c:a", "aac", "-f", "mpegts", str(recording)]  # fmt: skip
     subprocess.run(argv, check=True)
@@ -354,3 +360,90 @@ def test_a_minute_on_air_audio_is_continuous_and_does_not_drift(tmp_path, model_
     assert reading.audio_duration >= 59.5
     first, last = statistics.median(offsets[:5]), statistics.median(offsets[-5:])
     print(f"offset median of the first 5 pairs {first * 1e3:+.0f} ms, last 5 {last * 1e3:+.0f} ms")
+
+
+def aac_frames(path: Path) -> list[bytes]:
+    """The raw AAC frames of a recording's audio, as its demuxer gives them (ADTS headers,
+    as MPEG-TS carries them, taken off: 7 bytes, 9 with a CRC)."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = []
+        for packet in container.demux(container.streams.audio[0]):
+            data = bytes(packet)
+            if len(data) > 7 and data[0] == 0xFF and data[1] & 0xF0 == 0xF0:
+                data = data[7 if data[1] & 1 else 9 :]
+            if data:
+                frames.append(data)
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("transport", "out"), [("rtmp", "udp"), ("udp", "nginx")], ids=["rtmp-to-udp", "udp-to-rtmp"]
+)
+def test_audio_copy_carries_the_sources_own_aac_frames_in_its_format(
+    tmp_path, model_cache, transport, out
+):
+    """``audio: copy``: a publisher's 44.1 kHz mono AAC (FLV over RTMP, ADTS in MPEG-TS over
+    UDP) leaves the daemon as those very frames, bit for bit, in 44.1 kHz mono (the output
+    reconnects once in the source's format when the publisher arrives: it opened in 48 kHz
+    stereo), placed by the delay as encoded audio is: each pair's offset is the one the daemon
+    emitted, within the half frame a copied frame may sit from its time."""
+    if out == "nginx" and (missing := peers.nginx_missing()):
+        pytest.skip(missing)
+    seconds = 12.0
+    fmt = {"rtmp": "flv", "udp": "mpegts"}[transport]
+    clip = tmp_path / f"source.{'flv' if fmt == 'flv' else 'ts'}"
+    argv = sync_pattern.publish_argv(
+        str(clip), fmt, SIZE, FPS, seconds + 6, rate=44100, channels=1, realtime=False
+    )
+    subprocess.run(argv, check=True, timeout=120)
+    port = peers.free_port(socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
+    source, target = {
+        "rtmp": (f"rtmp://127.0.0.1:{port}/live/k?listen=1", f"rtmp://127.0.0.1:{port}/live/k"),
+        "udp": (f"udp://127.0.0.1:{port}", f"udp://127.0.0.1:{port}?pkt_size=1316"),
+    }[transport]
+    with contextlib.ExitStack() as stack:
+        if out == "nginx":
+            nginx = stack.enter_context(peers.Nginx())
+            sink_url = read_url = nginx.url("out")
+        else:
+            sink_url = f"udp://127.0.0.1:{peers.free_port(socket.SOCK_DGRAM)}"
+            read_url = f"{sink_url}?fifo_size=100000&overrun_nonfatal=1"
+        sinks = [{"url": sink_url, "options": {"audio": "copy"}}]
+        config = passthrough_config(tmp_path, source, sinks, model_cache)
+        with running(config) as (daemon, _, _lines):
+            on_air = OnAir(daemon)
+            (sink,) = daemon.sinks.sinks.values()
+            if transport == "rtmp":
+                wait_for_listener(daemon)
+            else:
+                wait_for("the UDP source to bind", lambda: peers.udp_bound(port), 30)
+            argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-i", str(clip),
+                    "-c", "copy", "-f", fmt, target]  # fmt: skip
+            publisher = peers.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for("the copy on air", lambda: "copying the source's AAC" in sink.state
+                     and sink.state.startswith("live"), 30)  # fmt: skip
+            started = time.monotonic()
+            recorder = record(read_url, tmp_path / "out.ts", seconds)
+            assert recorder.wait(seconds + 30) == 0, recorder.stderr.read()
+            peers.stop(publisher)
+            print("status:", daemon.status_text(time.monotonic()))
+    import av
+
+    with av.open(str(tmp_path / "out.ts")) as container:
+        codec = container.streams.audio[0].codec_context
+        assert (codec.name, codec.sample_rate, codec.layout.nb_channels) == ("aac", 44100, 1)
+    sent = set(aac_frames(clip))
+    got = aac_frames(tmp_path / "out.ts")
+    copied = sum(frame in sent for frame in got)
+    print(f"{copied} of {len(got)} output frames are the source's own")
+    assert copied >= 0.9 * len(got), (copied, len(got))
+    reading = sync_pattern.measure(str(tmp_path / "out.ts"))
+    assert len(reading.pairs) >= 4, reading.pairs
+    half_frame = 512 / 44100
+    offsets = check_output(
+        reading, on_air, on_air.sink(sink_url.split("?")[0][:20]), started, "copy",
+        within=MATCH_S + half_frame,
+    )  # fmt: skip
+    report(offsets, f"copy {transport} -> {out}")

@@ -61,7 +61,8 @@ class Run:
         last, to bound memory)."""
         if (due := self.line.pull(now)) is None:
             return None
-        samples, at = due
+        samples, at, rate = due
+        assert rate == RATE
         start = round(at * RATE)
         assert start == pytest.approx(at * RATE, abs=1e-3)  # on the sample grid
         if self.out:  # contiguous with the previous pull
@@ -257,7 +258,7 @@ def test_jittered_stamps_are_placed_contiguously():
     assert line.received == 81 * CHUNK
     # output starts where the first input sample is due (times mid-sample: floor is exact)
     line.pull((start + round(0.1 * RATE) + 0.5) / RATE + line.margin)
-    samples, at = line.pull((start + round(0.1 * RATE) + 80 * CHUNK + 0.5) / RATE + line.margin)
+    samples, at, _ = line.pull((start + round(0.1 * RATE) + 80 * CHUNK + 0.5) / RATE + line.margin)
     assert round(at * RATE) == start + round(0.1 * RATE)
     np.testing.assert_array_equal(samples, noise(np.arange(start, start + 80 * CHUNK)))
     assert line.silent == 0
@@ -270,7 +271,7 @@ def test_a_stamp_further_off_than_the_snap_is_taken_as_it_is():
     late = round(0.01 * RATE)  # 10 ms: a real gap in the input, not jitter
     line.put(chunk(start + CHUNK, jitter=late / RATE))
     line.pull((start + 0.5) / RATE)
-    samples, _ = line.pull((start + 2 * CHUNK + late + 0.5) / RATE)
+    samples, _, _ = line.pull((start + 2 * CHUNK + late + 0.5) / RATE)
     assert line.silent == late and not samples[CHUNK : CHUNK + late].any()
     np.testing.assert_array_equal(
         samples[CHUNK + late :], noise(np.arange(start + CHUNK, start + 2 * CHUNK))
@@ -328,3 +329,66 @@ def test_frames_the_delay_cannot_cover_are_counted_off_sync():
     assert tracker.delay == delay and tracker.off_sync == 3 and tracker.frames == 35
     assert tracker.recent_off_sync == pytest.approx(3 / 15)
     assert line.state == "delay 110 ms, 20% of frames off sync"
+
+
+def test_a_publisher_in_another_format_switches_the_line_without_breaking_the_timeline():
+    """48 kHz stereo, then a source of 44.1 kHz mono (a new publisher): the output goes on
+    in the new format from where it was (no gap, no overlap on the wall clock), carries the
+    new input one delay back, exactly, and the counters follow the new rate."""
+    line = AudioLine(tracker_at(0.1), margin=0.0)
+    run = Run(line)
+    now = T0 + 1.0
+    run.feed(now)
+    line.pull(now)
+    for _ in range(10):
+        now += 0.05
+        run.feed(now)
+        samples, at, rate = line.pull(now)
+    assert rate == RATE and samples.shape[1] == 2
+    end = at + len(samples) / RATE
+    mono = 44_100
+    first = round(now * mono)
+    index = np.arange(first, first + 2 * mono)  # two seconds captured from now on
+    signal = noise(index)[:, :1]
+    for i in range(0, len(index), 1024):
+        line.put(AudioChunk(signal[i : i + 1024], index[i] / mono, mono))
+    assert line.format_changes == 1 and (line.rate, line.channels) == (mono, 1)
+    samples, at, rate = line.pull(now + 1.0)
+    assert rate == mono and samples.shape[1] == 1
+    assert abs(len(samples) - (now + 1.0 - end) * mono) <= 1
+    assert abs(at - end) <= 1 / mono  # the timeline goes on where it was
+    source = np.arange(round(at * mono), round(at * mono) + len(samples)) - round(0.1 * mono)
+    captured = source >= first
+    np.testing.assert_array_equal(samples[captured], signal[source[captured] - first])
+    assert not samples[~captured].any()  # the old format's tail is not played in the new one
+    assert 0.09 * mono <= (~captured).sum() <= 0.11 * mono
+
+
+def test_the_margin_follows_how_late_audio_arrives_beyond_the_delay():
+    """Audio arriving 40 ms after capture, a held delay of 200 ms: the audio is already there
+    when its time on air comes, so it goes out with the least margin; with a delay of 10 ms
+    it must wait for the audio: 40 ms + the spare - 10 ms. Without arrivals: the fixed one."""
+    tracker = tracker_at(0.2)
+    line = AudioLine(tracker)
+    assert line.margin == line.fixed_margin
+    for i in range(10):
+        line.put(chunk(round(T0 * RATE) + i * CHUNK), arrival=T0 + (i + 1) * CHUNK / RATE + 0.04)
+    assert line.margin == pytest.approx(AudioLine.MIN_MARGIN_S)
+    tracker.delay = 0.01
+    lag = CHUNK / RATE + 0.04  # the first sample of a chunk waited the longest
+    assert line.margin == pytest.approx(lag + AudioLine.SPARE_S - 0.01)
+    # what that margin promises: every sample due on air was there when it was read
+    run = Run(AudioLine(tracker), start=T0)
+    now = T0
+    for _ in range(200):
+        now += 1 / 30
+        while (run.next_in + CHUNK) / RATE + 0.04 <= now:  # a chunk arrives 40 ms late
+            start = run.next_in
+            run.line.put(chunk(start), arrival=(start + CHUNK) / RATE + 0.04)
+            run.next_in += CHUNK
+        run.pull(now)
+    index, samples = run.output()
+    source = index - round(0.01 * RATE)
+    captured = source >= round(T0 * RATE)
+    np.testing.assert_array_equal(samples[captured], noise(source[captured]))
+    assert run.line.silent == (~captured).sum()  # silence only before the first capture

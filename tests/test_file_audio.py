@@ -256,7 +256,7 @@ def test_file_sink_audio_options(tmp_path):
     aac.close()
     # without the option, no track: the daemon asks for one when its source carries sound
     assert not FileSink(tmp_path / "e.mp4", width=SIZE, height=SIZE, fps=FPS).audio
-    with pytest.raises(MediaError, match="audio must be one of aac, off"):
+    with pytest.raises(MediaError, match="audio must be one of copy, aac, off"):
         open_sink(str(tmp_path / "d.mp4"), width=SIZE, height=SIZE, fps=FPS, audio="mp3")
 
 

@@ -344,23 +344,25 @@ CLICKS = "lavfi:aevalsrc='if(lt(mod(t,0.5),0.02),0.8,0)':s=44100,arealtime"
 
 def test_screen_with_an_audio_device_stamps_its_sound_on_the_frames_clock(xvfb):
     """The audio input is a real FFmpeg input device read by its own thread (lavfi stands in
-    for ALSA/dshow, which need hardware): chunks arrive at 48 kHz stereo (resampled from
-    44.1 kHz mono) with stamps on the monotonic clock that follow the device's timestamps."""
+    for ALSA/dshow, which need hardware): chunks arrive in the device's own format (44.1 kHz
+    mono, not resampled) with stamps on the monotonic clock that follow the device's
+    timestamps."""
     chunks = []
     url = f"x11grab:{xvfb}?audio={CLICKS}"
     with open_source(url, width=64, height=36, fps=10) as source:
         assert source.carries_audio and "44.1k mono" in source.audio_state
+        assert source.audio_format == (44_100, 1)  # known when opened: sinks open in it
         source.listen_audio(chunks.append)
         start = time.monotonic()
         frames = take(source, 20)
     assert frames[0].captured_at >= start - 0.5
     samples = np.concatenate([c.samples for c in chunks])
-    assert samples.shape[1] == 2 and samples.dtype == np.float32
-    assert np.array_equal(samples[:, 0], samples[:, 1])  # mono to both channels
+    assert samples.shape[1] == 1 and samples.dtype == np.float32
+    assert {c.rate for c in chunks} == {44_100}
     onsets: list[float] = []
     for chunk in chunks:
         for i in np.flatnonzero(chunk.samples[:, 0] > 0.4):
-            at = chunk.captured_at + i / 48_000
+            at = chunk.captured_at + i / 44_100
             if not onsets or at > onsets[-1] + 0.1:
                 onsets.append(at)
     steps = np.diff(onsets)

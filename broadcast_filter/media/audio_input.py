@@ -24,7 +24,13 @@ from collections.abc import Callable
 import av
 import av.error
 
-from broadcast_filter.media.audio import AudioChunk, AudioConverter, MediaClock, describe
+from broadcast_filter.media.audio import (
+    AudioChunk,
+    AudioConverter,
+    MediaClock,
+    describe,
+    stream_format,
+)
 from broadcast_filter.media.base import MediaError
 
 
@@ -44,14 +50,15 @@ def parse_audio_device(value: str) -> tuple[str, str]:
 
 
 class AudioInput:
-    """One audio input device, decoded to 48 kHz stereo chunks for ``emit`` by a thread."""
+    """One audio input device, decoded to chunks in its own rate and channels for ``emit``
+    by a thread."""
 
     def __init__(self, value: str, emit: Callable[[AudioChunk], None]) -> None:
-        self.format, self.device = parse_audio_device(value)
+        self.input_format, self.device = parse_audio_device(value)
         self.label = value
         self._emit = emit
         try:
-            self._container = av.open(self.device, format=self.format, timeout=(5.0, 2.0))
+            self._container = av.open(self.device, format=self.input_format, timeout=(5.0, 2.0))
         except av.error.FFmpegError as exc:
             raise MediaError(f"cannot open the audio device {value!r}: {exc}") from exc
         if not self._container.streams.audio:
@@ -59,6 +66,8 @@ class AudioInput:
             raise MediaError(f"the audio device {value!r} has no audio stream")
         self._stream = self._container.streams.audio[0]
         self.state = describe(self._stream.codec_context)
+        #: ``(rate, channels)`` its chunks come in (the device's own)
+        self.format = stream_format(self._stream.codec_context)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"audio {value}", daemon=True)
 
@@ -74,7 +83,8 @@ class AudioInput:
                     break
                 samples = converter.convert(frame)
                 if len(samples):
-                    self._emit(AudioChunk(samples, clock.at(frame.time, time.monotonic())))
+                    at = clock.at(frame.time, time.monotonic())
+                    self._emit(AudioChunk(samples, at, converter.rate))
         except (av.error.FFmpegError, OSError) as exc:
             if not self._stop.is_set():
                 self.state = f"{self.state}, stopped ({exc}); the picture goes on"

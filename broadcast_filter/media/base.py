@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 
-from broadcast_filter.media.audio import AUDIO_MODES, AudioChunk
+from broadcast_filter.media.audio import AUDIO_MODES, RATE, AudioChunk, CodedAudio
 
 AudioListener = Callable[[AudioChunk], None]
+CodedListener = Callable[[CodedAudio], None]
 
 
 class MediaError(RuntimeError):
@@ -52,6 +53,9 @@ class Source(abc.ABC):
     _audio_listener: AudioListener | None = None
     #: what the source's audio is, for the status line: ``"aac 48k stereo"``, ``"none"``
     audio_state: str = "none"
+    #: ``(rate, channels)`` of its audio where known when opened (a file, a device); a live
+    #: stream's is learned from its chunks
+    audio_format: tuple[int, int] | None = None
 
     def listen_audio(self, listener: AudioListener | None) -> None:
         """Call ``listener`` with every audio chunk from now on (``None``: stop)."""
@@ -60,6 +64,17 @@ class Source(abc.ABC):
     def _emit_audio(self, chunk: AudioChunk) -> None:
         if (listener := self._audio_listener) is not None and len(chunk.samples):
             listener(chunk)
+
+    _coded_listener: CodedListener | None = None
+
+    def listen_coded(self, listener: CodedListener | None) -> None:
+        """Call ``listener`` with each of the source's AAC-LC frames as it came (for sinks
+        that copy them; sources that have none never call it)."""
+        self._coded_listener = listener
+
+    def _emit_coded(self, coded: CodedAudio) -> None:
+        if (listener := self._coded_listener) is not None:
+            listener(coded)
 
     @abc.abstractmethod
     def frames(self) -> Iterator[Frame]:
@@ -84,8 +99,9 @@ class Sink(abc.ABC):
         self.width, self.height, self.fps = width, height, fps
         #: how errors name this sink (network sinks: the URL with secrets masked)
         self.label = self.kind
-        #: whether this sink has an audio track (sinks that can carry one set it when opened)
-        self.audio = False
+        #: its audio track: ``"aac"``, ``"copy"`` or ``""`` for none (sinks that can carry
+        #: one set it when opened)
+        self.audio = ""
 
     @abc.abstractmethod
     def send(self, image: np.ndarray) -> None:
@@ -99,10 +115,19 @@ class Sink(abc.ABC):
                 f"uint8 RGB, got {image.shape} {image.dtype}"
             )
 
-    def send_audio(self, samples: np.ndarray, at: float) -> None:  # noqa: B027 - optional
-        """Deliver ``(n, CHANNELS)`` float32 samples whose first one goes on air at ``at``
-        (``time.monotonic()``, the clock of :meth:`send`'s frames); only if ``audio``.
-        Consecutive calls are contiguous. Must not block for long."""
+    def send_audio(  # noqa: B027 - optional
+        self,
+        samples: np.ndarray,
+        at: float,
+        rate: int = RATE,
+        coded: Sequence[tuple[CodedAudio, float]] = (),
+    ) -> None:
+        """Deliver ``(n, channels)`` float32 samples at ``rate`` Hz whose first one goes on
+        air at ``at`` (``time.monotonic()``, the clock of :meth:`send`'s frames); only if
+        ``audio``. Consecutive calls are contiguous; the format changes only when the
+        source's does. With ``audio == "copy"``, ``coded`` holds the source's own frames
+        that go on air within these samples, each with its time on air. Must not block
+        for long."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release; called exactly once."""
@@ -114,13 +139,14 @@ class Sink(abc.ABC):
         self.close()
 
 
-def audio_track(mode: object, label: str) -> bool:
-    """Whether a sink's ``audio:`` option (:data:`~broadcast_filter.media.audio.AUDIO_MODES`)
-    asks for an audio track; anything else is a MediaError naming the sink."""
+def audio_track(mode: object, label: str) -> str:
+    """The audio track a sink's ``audio:`` option asks for (``"aac"``, ``"copy"``; ``""``
+    for ``off``, :data:`~broadcast_filter.media.audio.AUDIO_MODES`); anything else is a
+    MediaError naming the sink."""
     if mode not in AUDIO_MODES:
         choices = ", ".join(AUDIO_MODES)
         raise MediaError(f"sink {label}: audio must be one of {choices}, got {mode!r}")
-    return mode != "off"
+    return "" if mode == "off" else str(mode)
 
 
 SourceFactory = Callable[..., Source]

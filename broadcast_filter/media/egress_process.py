@@ -13,6 +13,8 @@ End of stdin means "flush and exit": the daemon closed the sink, or died.
 Audio chunks, when the sink has an audio track, wait in their own short queue (not the
 video's: a video frame dropped under load must not take sound with it) and are encoded by
 :class:`~broadcast_filter.media.aac.AacTrack` on the video's timeline after each frame.
+Audio in another rate or channel count than the track's (a publisher that arrived with its
+own) makes the process connect again at once with a track in that format.
 The muxer writes every packet as it comes (``max_interleave_delta``): audio is sent a little
 after its video (it is produced behind the wall clock), and waiting for it would delay the
 picture; each packet carries its own timestamp, which is what receivers sync on.
@@ -33,7 +35,8 @@ import numpy as np
 
 from broadcast_filter.backoff import Backoff
 from broadcast_filter.media import portable, wire
-from broadcast_filter.media.aac import AacTrack
+from broadcast_filter.media.aac import AacTrack, CopyTrack
+from broadcast_filter.media.audio import CodedAudio, format_name
 from broadcast_filter.media.h264 import (
     SEND_TIME_BASE,
     add_h264_stream,
@@ -45,6 +48,8 @@ from broadcast_filter.media.jitter import JitterBuffer
 from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
 
 Item = tuple[np.ndarray, float]
+#: samples (or a coded frame of the source's), on air at, rate
+Audio = tuple[np.ndarray | CodedAudio, float, int]
 
 #: flush every packet at once, without waiting to interleave (see the module docstring); in
 #: MPEG-TS also write each video PES length so the receiving demuxer can emit a frame when it
@@ -58,13 +63,18 @@ INTERLEAVE = {"max_interleave_delta": "1"}
 AUDIO_QUEUE = 256
 
 
-def read_frames(inp: BinaryIO, buffer: JitterBuffer[Item], audio: JitterBuffer[Item]) -> None:
+def read_frames(inp: BinaryIO, buffer: JitterBuffer[Item], audio: JitterBuffer[Audio]) -> None:
     """Move frames and audio from stdin into their buffers until end of stream, then close."""
     try:
         while (message := wire.read_message(inp)) is not None:
-            if message.kind in (wire.FRAME, wire.AUDIO):
+            if message.kind == wire.FRAME:
                 assert isinstance(message.payload, np.ndarray)
-                (buffer if message.kind == wire.FRAME else audio).put((message.payload, message.t))
+                buffer.put((message.payload, message.t))
+            elif message.kind == wire.AUDIO:
+                assert isinstance(message.payload, np.ndarray)
+                audio.put((message.payload, message.t, message.n))
+            elif message.kind == wire.CODED:
+                audio.put((wire.coded_of(message), message.t, message.n))
     finally:
         buffer.close()
 
@@ -84,8 +94,21 @@ def open_output(
         rate_control=live_bitrate(spec["bitrate"]),
         time_base=SEND_TIME_BASE,
     )
-    track = AacTrack(container, spec["audio_bitrate"]) if spec["audio"] else None
+    kind = CopyTrack if spec["audio"] == "copy" else AacTrack
+    track = (
+        kind(container, spec["audio_bitrate"], spec["audio_rate"], spec["audio_channels"])
+        if spec["audio"]
+        else None
+    )
     return container, stream, track
+
+
+class FormatChanged(Exception):
+    """The source's audio now comes in another rate or channel count: connect again in it."""
+
+    def __init__(self, rate: int, channels: int) -> None:
+        super().__init__(f"{rate} Hz, {channels} channels")
+        self.rate, self.channels = rate, channels
 
 
 class Drops:
@@ -115,12 +138,14 @@ def send(
     container: av.container.OutputContainer,
     stream: av.VideoStream,
     track: AacTrack | None,
-    buffers: tuple[JitterBuffer[Item], JitterBuffer[Item]],
+    buffers: tuple[JitterBuffer[Item], JitterBuffer[Audio]],
     drops: Drops,
 ) -> None:
     """Encode and mux frames until the buffer closes; pts follow the time each frame was sent,
     and audio is placed by the time it goes on air, on the same timeline."""
     buffer, audio = buffers
+    report = drops.report
+    copying = False
     t0: float | None = None
     pts = -1
     while (item := buffer.take()) is not None:
@@ -132,15 +157,27 @@ def send(
         frame.pts = pts
         container.mux(stream.encode(frame))
         while (chunk := audio.take(timeout=0)) is not None:
-            if track is not None:
-                container.mux(track.add(chunk[0], chunk[1], t0))
+            payload, at, rate = chunk
+            if track is None:
+                continue
+            if isinstance(payload, CodedAudio):  # the source's own frame (audio: copy)
+                if isinstance(track, CopyTrack) and track.fits_coded(payload):
+                    container.mux(track.add_coded(payload, at, t0))
+                continue
+            if not track.fits(rate, payload.shape[1]):
+                raise FormatChanged(rate, payload.shape[1])
+            container.mux(track.add(payload, at, t0, rate))
+        if isinstance(track, CopyTrack) and track.copying != copying:
+            copying = track.copying
+            say = "copying the source's AAC" if copying else "encoding AAC"
+            wire.write_text(report, wire.STATE, wire.AUDIO_STATE, say)
     container.mux(stream.encode(None))
     if track is not None:
         container.mux(track.flush())
 
 
 def egress(
-    spec: dict, buffers: tuple[JitterBuffer[Item], JitterBuffer[Item]], report: BinaryIO
+    spec: dict, buffers: tuple[JitterBuffer[Item], JitterBuffer[Audio]], report: BinaryIO
 ) -> None:
     label = spec["label"]
     backoff = Backoff(*spec["backoff"])
@@ -158,6 +195,10 @@ def egress(
             backoff.reset()
             wire.write_text(report, wire.STATE, wire.LIVE, "live")
             send(container, stream, track, buffers, drops)
+        except FormatChanged as change:  # not an error: no backoff
+            spec["audio_rate"], spec["audio_channels"] = change.rate, change.channels
+            text = f"the source's audio is now {format_name(change.rate, change.channels)}"
+            wire.write_text(report, wire.STATE, wire.CONNECTING, f"{text}: connecting again")
         except (av.error.FFmpegError, OSError) as exc:
             what = "lost" if live else "cannot connect"
             code = wire.LOST if live else wire.CONNECTING
@@ -183,7 +224,7 @@ def main() -> None:
         bridge = start_srt_bridge(spec["srt"], port, inbound=False)
         spec["url"] = f"udp://127.0.0.1:{port}?pkt_size=1316"
         portable.exit_on_sigterm()  # so the bridge is stopped on the way out
-    buffers: tuple[JitterBuffer[Item], JitterBuffer[Item]] = (
+    buffers: tuple[JitterBuffer[Item], JitterBuffer[Audio]] = (
         JitterBuffer(spec["jitter_frames"]),
         JitterBuffer(AUDIO_QUEUE),
     )

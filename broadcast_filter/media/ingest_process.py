@@ -9,14 +9,14 @@ timeout is longer than the probe (a shorter one kills the probe and resets the p
 connection). End of stdin means the daemon is gone: the process stops its bridge and exits.
 
 Frames are stamped with the time their timestamps say they were captured, on this machine's
-monotonic clock (:class:`~broadcast_filter.media.audio.MediaClock`). The first audio stream,
-when there is one, is decoded too and sent as 48 kHz stereo float32
-(:mod:`~broadcast_filter.media.audio`), stamped on the same clock, so audio and video
-captured at one instant carry one time. Audio that cannot be decoded is skipped and said on
-the audio state; the video goes on. A video packet the decoder refuses (one before the first
-keyframe, when the stream was joined mid-way, or one damaged on the way) is skipped and
-counted on the state, as players do: the picture resumes at the next keyframe.
-"""
+monotonic clock (:class:`~broadcast_filter.media.audio.MediaClock`). The first audio stream, when
+there is one, is decoded too and sent as float32 in its own rate and channels
+(:mod:`~broadcast_filter.media.audio`), stamped on the same clock, so audio and video captured at
+one instant carry one time. AAC-LC frames are also sent as they came (raw, without ADTS headers), on
+the same clock, for sinks that copy them. Audio that cannot be decoded is skipped and said on the
+audio state; the video goes on. A video packet the decoder refuses (one before the first keyframe,
+when the stream was joined mid-way, or one damaged on the way) is skipped and counted on the state,
+as players do: the picture resumes at the next keyframe."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ import av.error
 
 from broadcast_filter.backoff import Backoff
 from broadcast_filter.media import portable, wire
-from broadcast_filter.media.audio import AudioConverter, MediaClock, describe
+from broadcast_filter.media.aac import parse_config, split_adts
+from broadcast_filter.media.audio import AudioConverter, CodedAudio, MediaClock, describe
 from broadcast_filter.media.sources import LIVE_PROBE
 from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
 
@@ -67,7 +68,23 @@ class Reporter:
             self._audio_next = start + frame.samples / frame.sample_rate
         samples = self._audio.convert(frame)
         if len(samples):
-            wire.write_audio(self.out, samples, self.clock.at(start, time.monotonic()))
+            at = self.clock.at(start, time.monotonic())
+            wire.write_audio(self.out, samples, at, self._audio.rate)
+
+    def coded(
+        self,
+        data: bytes,
+        config: tuple[str, int, int],
+        media_time: float | None,
+        decoded: av.AudioFrame,
+    ) -> None:
+        """Send one AAC-LC frame as it came (for sinks that copy it), stamped as its audio;
+        not one whose decoded rate is not its stream's (HE-AAC signalled implicitly)."""
+        profile, rate, channels = config
+        if profile != "LC" or media_time is None or decoded.sample_rate != rate:
+            return
+        frame = CodedAudio(data, 0.0, decoded.samples, rate, channels)
+        wire.write_coded(self.out, frame, self.clock.at(media_time, time.monotonic()))
 
     def new_connection(self) -> None:
         """Timestamps start again: a new media clock, a resampler without leftovers."""
@@ -101,17 +118,35 @@ class AudioDecoder:
             av.CodecContext.create(stream.codec_context.name, "r") if stream and split else None
         )
         self.name = describe(stream.codec_context if stream else None)
+        self._aac = stream is not None and stream.codec_context.name == "aac"
+        self._config = (
+            parse_config(bytes(stream.codec_context.extradata or b"")) if stream else None
+        )
         self.bad = self._failing = 0
         report.audio_state(self.name)
+
+    def _coded(self, data: bytes) -> tuple[bytes, tuple[str, int, int]] | None:
+        """The raw frame and its ``(profile, rate, channels)``: from its ADTS header
+        (MPEG-TS), else the stream's AudioSpecificConfig (FLV)."""
+        adts = split_adts(data)
+        if adts is not None:
+            return adts
+        return None if self._config is None else (data, self._config)
 
     def decode(self, packet: av.Packet) -> None:
         if self.stream is None:
             return
         codec = self.stream.codec_context
         media_time = None if packet.pts is None else float(packet.pts * packet.time_base)
+        coded_time = media_time  # of each AAC frame in the packet, for the copy
         try:
             for part in self._parser.parse(bytes(packet)) if self._parser else [packet]:
-                for frame in codec.decode(part):
+                frames = codec.decode(part)
+                if self._aac and frames and (found := self._coded(bytes(part))) is not None:
+                    self.report.coded(*found, coded_time, frames[0])
+                if coded_time is not None and frames and frames[0].sample_rate:
+                    coded_time += sum(f.samples for f in frames) / frames[0].sample_rate
+                for frame in frames:
                     self.report.audio(frame, media_time)
                     media_time = None
         except (av.error.FFmpegError, ValueError) as exc:

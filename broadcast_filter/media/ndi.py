@@ -6,15 +6,15 @@
 * Sink ``ndi:NAME`` — publish a named NDI source at the sink's size, with its frame rate in
   the frame metadata; frames are paced by the daemon (``clock_video`` off).
 
-Sound: the source captures the sender's audio (planar float, any rate, mono or stereo) and
-hands it on as 48 kHz stereo chunks stamped on the video's clock; the sink sends the daemon's
-delayed audio as 48 kHz stereo in the same NDI sender. Both ends use NDI *timecodes* (100 ns
-units) as the shared media time of audio and video: the sink writes the on-air time of every
-video frame and audio chunk (UTC, from ``time.monotonic()``) into its timecode, and the
-source maps the sender's timecodes onto ``time.monotonic()`` with a
-:class:`~broadcast_filter.media.audio.MediaClock`. A sender whose video timecodes do not
-advance (e.g. all 0) is timed by NDI's send timestamps instead, which the SDK stamps when a
-frame is submitted (audio sent in blocks then arrives stamped a little late).
+Sound: the source captures the sender's audio (planar float, any rate, 1 to 8 channels) and hands it
+on in that format, stamped on the video's clock; the sink sends the daemon's delayed audio in the
+format it comes in (the source's) in the same NDI sender. Both ends use NDI *timecodes* (100 ns
+units) as the shared media time of audio and video: the sink writes the on-air time of every video
+frame and audio chunk (UTC, from ``time.monotonic()``) into its timecode, and the source maps the
+sender's timecodes onto ``time.monotonic()`` with a
+:class:`~broadcast_filter.media.audio.MediaClock`. A sender whose video timecodes do not advance
+(e.g. all 0) is timed by NDI's send timestamps instead, which the SDK stamps when a frame is
+submitted (audio sent in blocks then arrives stamped a little late).
 
 Discovery uses mDNS, or unicast when ``extra_ips`` (comma-separated) is given or the NDI
 config file in ``NDI_CONFIG_DIR`` lists ``"ips"``. The ndi-python calls release the GIL
@@ -29,14 +29,20 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from types import ModuleType
 
-import av
 import numpy as np
 
-from broadcast_filter.media.audio import CHANNELS, RATE, AudioChunk, AudioConverter, MediaClock
+from broadcast_filter.media.audio import (
+    LAYOUTS,
+    RATE,
+    AudioChunk,
+    CodedAudio,
+    MediaClock,
+    format_name,
+)
 from broadcast_filter.media.base import (
     Frame,
     MediaError,
@@ -158,26 +164,6 @@ def _defined(ticks: int) -> bool:
     return ticks not in (0, UNDEFINED)
 
 
-class PlanarAudio:
-    """NDI audio ``(channels, samples)`` planar float32, mono or stereo at any rate ->
-    ``(n, 2)`` float32 at :data:`RATE` (PyAV's resampler when the rate differs)."""
-
-    def __init__(self) -> None:
-        self._rate: int | None = None
-        self._converter: AudioConverter | None = None
-
-    def convert(self, planar: np.ndarray, rate: int) -> np.ndarray:
-        if planar.shape[0] == 1:
-            planar = np.repeat(planar, CHANNELS, axis=0)
-        if rate == RATE:
-            return np.ascontiguousarray(planar.T)
-        if self._converter is None or rate != self._rate:
-            self._converter, self._rate = AudioConverter(), rate
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar), "fltp", "stereo")
-        frame.sample_rate = rate
-        return self._converter.convert(frame)
-
-
 class NdiSource(Source):
     """Receive an NDI source by name; ``frames()`` raises SourceLost after ``lost_after``
     seconds without video, and picks the sender up again when called once more
@@ -210,7 +196,6 @@ class NdiSource(Source):
         self._index = 0
         self._dropped_before = 0  # by receivers already destroyed
         self._times = NdiTimes()
-        self._audio = PlanarAudio()
         self._audio_format: str | None = None
         #: audio frames skipped because they cannot be played (see :attr:`audio_state`)
         self.audio_skipped = 0
@@ -244,23 +229,18 @@ class NdiSource(Source):
         return text
 
     def _take_audio(self, frame, arrival: float) -> None:
-        """Convert one NDI audio frame (before it is freed) and emit it, or skip it if odd."""
+        """Copy one NDI audio frame (before it is freed) and emit it in its own rate and
+        channels, or skip it if odd."""
         channels, count, rate = frame.no_channels, frame.no_samples, frame.sample_rate
-        if count <= 0 or rate <= 0 or channels not in (1, 2):
-            self._skip_audio(f"{channels} channels, {count} samples at {rate} Hz; need mono/stereo")
+        if count <= 0 or rate <= 0 or channels not in LAYOUTS:
+            self._skip_audio(
+                f"{channels} channels, {count} samples at {rate} Hz; need 1-8 channels"
+            )
             return
-        planar = np.array(frame.data[:channels, :count], np.float32)
+        samples = np.array(frame.data[:channels, :count], np.float32).T
         start = self._times.audio(frame.timecode, frame.timestamp, arrival)
-        try:
-            samples = self._audio.convert(planar, rate)
-        except (ValueError, av.error.FFmpegError) as exc:
-            self._skip_audio(f"cannot convert {channels} channels at {rate} Hz: {exc}")
-            return
-        layout = "mono" if channels == 1 else "stereo"
-        self._audio_format = f"pcm {rate / 1000:g}k {layout}"
-        # a resampler holds back a few samples: the chunk ends where its input ended
-        captured_at = start + count / rate - len(samples) / RATE
-        self._emit_audio(AudioChunk(samples, captured_at))
+        self._audio_format = f"pcm {format_name(rate, channels)}"
+        self._emit_audio(AudioChunk(samples, start, rate))
 
     def _skip_audio(self, reason: str) -> None:
         if self._skip_reason != reason:
@@ -359,22 +339,29 @@ class NdiSink(Sink):
     before the worker sent it is dropped and counted in :attr:`dropped` (shown in
     ``state``). The newest frame is always sent, also the last one before ``close()``.
 
-    With audio (any ``audio`` mode but ``off``: NDI audio is always PCM), ``send_audio()``
-    queues the samples for a second thread that sends them as 48 kHz stereo planar float in
-    the same NDI sender; more than ``SINK_AUDIO_QUEUE_S`` queued drops the oldest (counted in
-    :attr:`audio_dropped`). Every video frame's timecode is the time ``send()`` was called
-    and every audio frame's the ``at`` it was given, both as UTC in 100 ns units, so a
-    receiver can line them up."""
+    With audio (any ``audio`` mode but ``off``: NDI audio is always PCM), ``send_audio()`` queues
+    the samples for a second thread that sends them as planar float, in the rate and channels they
+    come in (the source's), in the same NDI sender; more than ``SINK_AUDIO_QUEUE_S`` queued drops
+    the oldest (counted in :attr:`audio_dropped`). Every video frame's timecode is the time
+    ``send()`` was called and every audio frame's the ``at`` it was given, both as UTC in 100 ns
+    units, so a receiver can line them up."""
 
     kind = "ndi"
 
     def __init__(
-        self, url: str, *, width: int, height: int, fps: float, audio: str = "off"
+        self,
+        url: str,
+        *,
+        width: int,
+        height: int,
+        fps: float,
+        audio: str = "off",
+        audio_format: tuple[int, int] | None = None,  # NDI: each chunk in its own format
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         ndi = ndi_lib()
         self.name = self.label = _name(url)
-        self.audio = audio_track(audio, self.label)  # NDI audio is PCM: any mode but "off"
+        self.audio = "pcm" if audio_track(audio, self.label) else ""  # NDI audio is PCM
         # timecodes: the monotonic send times as UTC (what NDI's own timestamps count)
         self._utc_offset = time.time() - time.monotonic()
         settings = ndi.SendCreate()
@@ -393,12 +380,13 @@ class NdiSink(Sink):
         self._rgbx = np.full((height, width, 4), 255, np.uint8)
         # drain: the frame sent last before close() still goes out
         self._slot: LatestSlot[tuple[np.ndarray, float]] = LatestSlot(drain=True)
-        self._audio_queue: deque[tuple[np.ndarray, float]] = deque()  # (2, n) planar, at
-        self._audio_queued = 0  # samples in the queue
+        # (channels, n) planar, at, rate
+        self._audio_queue: deque[tuple[np.ndarray, float, int]] = deque()
+        self._audio_queued = 0.0  # seconds in the queue
         self._audio_cond = threading.Condition()
         self._audio_closed = False
-        #: samples dropped because the audio queue was full
-        self.audio_dropped = 0
+        #: seconds of audio dropped because the audio queue was full
+        self.audio_dropped = 0.0
         workers = [self._run] + ([self._run_audio] if self.audio else [])
         self._threads = [
             threading.Thread(target=work, name=f"ndi {self.name}", daemon=True) for work in workers
@@ -418,7 +406,7 @@ class NdiSink(Sink):
         if self.dropped:
             text += f", {self.dropped} dropped"
         if self.audio_dropped:
-            text += f", {self.audio_dropped / RATE:.1f} s audio dropped"
+            text += f", {self.audio_dropped:.1f} s audio dropped"
         return text
 
     def timecode(self, at: float) -> int:
@@ -429,18 +417,24 @@ class NdiSink(Sink):
         self.check(image)
         self._slot.put((image.copy(), time.monotonic()))
 
-    def send_audio(self, samples: np.ndarray, at: float) -> None:
-        """Queue ``(n, 2)`` float32 samples for the audio thread; never waits."""
+    def send_audio(
+        self,
+        samples: np.ndarray,
+        at: float,
+        rate: int = RATE,
+        coded: Sequence[tuple[CodedAudio, float]] = (),  # NDI carries PCM only
+    ) -> None:
+        """Queue ``(n, channels)`` float32 samples for the audio thread; never waits."""
         if not self.audio or not len(samples):
             return
         planar = np.ascontiguousarray(samples.T, np.float32)  # NDI's layout, and our copy
         with self._audio_cond:
-            self._audio_queue.append((planar, at))
-            self._audio_queued += len(samples)
-            while self._audio_queued > SINK_AUDIO_QUEUE_S * RATE and len(self._audio_queue) > 1:
-                old, _ = self._audio_queue.popleft()
-                self._audio_queued -= old.shape[1]
-                self.audio_dropped += old.shape[1]
+            self._audio_queue.append((planar, at, rate))
+            self._audio_queued += len(samples) / rate
+            while self._audio_queued > SINK_AUDIO_QUEUE_S and len(self._audio_queue) > 1:
+                old, _, old_rate = self._audio_queue.popleft()
+                self._audio_queued -= old.shape[1] / old_rate
+                self.audio_dropped += old.shape[1] / old_rate
             self._audio_cond.notify()
 
     def _run(self) -> None:
@@ -456,14 +450,14 @@ class NdiSink(Sink):
         """Send queued audio until closed; what was queued before ``close()`` still goes."""
         ndi = ndi_lib()
         frame = ndi.AudioFrameV2()
-        frame.sample_rate, frame.no_channels = RATE, CHANNELS
         while True:
             with self._audio_cond:
                 self._audio_cond.wait_for(lambda: self._audio_queue or self._audio_closed)
                 if not self._audio_queue:
                     return
-                planar, at = self._audio_queue.popleft()
-                self._audio_queued -= planar.shape[1]
+                planar, at, rate = self._audio_queue.popleft()
+                self._audio_queued -= planar.shape[1] / rate
+            frame.sample_rate, frame.no_channels = rate, planar.shape[0]
             frame.data = planar
             frame.no_samples = planar.shape[1]
             frame.timecode = self.timecode(at)

@@ -40,14 +40,14 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
 from broadcast_filter.media import wire
-from broadcast_filter.media.audio import AUDIO_BITRATE, AudioChunk
+from broadcast_filter.media.audio import AUDIO_BITRATE, CHANNELS, RATE, AudioChunk, CodedAudio
 from broadcast_filter.media.base import (
     Frame,
     Sink,
@@ -204,7 +204,9 @@ class NetworkSource(Source):
             self._buffer.put(Frame(message.payload, message.t, message.n))
         elif message.kind == wire.AUDIO:
             assert isinstance(message.payload, np.ndarray)
-            self._emit_audio(AudioChunk(message.payload, message.t))
+            self._emit_audio(AudioChunk(message.payload, message.t, message.n))
+        elif message.kind == wire.CODED:
+            self._emit_coded(wire.coded_of(message))
         elif message.kind == wire.STATE and message.a == wire.AUDIO_STATE:
             self.audio_state = message.text
         elif message.kind == wire.STATE:
@@ -268,15 +270,22 @@ class SrtSource(NetworkSource):
         return {"url": "", "listen": True, "srt": url}
 
 
+#: what waits for the egress process: samples, on air at, rate, the source's frames within
+Audio = tuple[np.ndarray, float, int, list[tuple[CodedAudio, float]]]
+
+
 class NetworkSink(Sink):
     """H.264 network output encoded and sent by an egress process; ``send()`` never blocks.
 
     ``bitrate`` (bits/s) is also the max rate and the 1-second VBV buffer (constant-ish
     bitrate for live ingest); ``keyframe_interval`` is in seconds. ``state`` says
     "connecting", "live" or "lost (...), retrying in 2s", and how many frames were dropped.
-    ``audio="aac"`` adds an AAC track (48 kHz stereo, ``audio_bitrate`` bits/s) fed by
-    :meth:`send_audio` (the daemon asks for it when its source may carry sound); audio
-    waits in a queue of its own, so a dropped video frame never takes sound with it.
+    ``audio="aac"`` adds an AAC track (``audio_bitrate`` bits/s) fed by :meth:`send_audio`
+    (the daemon asks for it when its source may carry sound); audio waits in a queue of its
+    own, so a dropped video frame never takes sound with it. The track opens in
+    ``audio_format`` (``(rate, channels)``, the source's where known, else 48 kHz stereo);
+    when the source's audio comes in another format (a publisher that arrives later), the
+    egress process connects again in that one, so the output keeps the source's format.
 
     What it promises: every frame given to ``send()`` reaches the encoder in order unless
     the pipe or the encoder stalls for longer than ``jitter_frames`` frames (a
@@ -300,6 +309,7 @@ class NetworkSink(Sink):
         jitter_frames: int = JITTER_FRAMES,
         audio: str = "off",
         audio_bitrate: int = AUDIO_BITRATE,
+        audio_format: tuple[int, int] = (RATE, CHANNELS),
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         self.url = url
@@ -318,9 +328,12 @@ class NetworkSink(Sink):
             "jitter_frames": jitter_frames,
             "audio": self.audio,
             "audio_bitrate": int(audio_bitrate),
+            "audio_rate": int(audio_format[0]),
+            "audio_channels": int(audio_format[1]),
         }
         self._buffer: JitterBuffer[tuple[np.ndarray, float]] = JitterBuffer(jitter_frames)
-        self._audio: JitterBuffer[tuple[np.ndarray, float]] = JitterBuffer(AUDIO_QUEUE)
+        self._audio: JitterBuffer[Audio] = JitterBuffer(AUDIO_QUEUE)
+        self._audio_state = ""  # what the egress process says of a copied track
         self._state = "connecting"
         self._child_dropped = 0
         self._dropped_before = 0  # by egress processes that have exited
@@ -340,8 +353,11 @@ class NetworkSink(Sink):
 
     @property
     def state(self) -> str:
-        """``live``, ``live, audio aac`` (with an audio track), and the frames it dropped."""
-        state = f"{self._state}, audio aac" if self.audio else self._state
+        """``live``, ``live, audio aac`` (with an audio track; ``audio copy (copying the
+        source's AAC)``), and the frames it dropped."""
+        state = f"{self._state}, audio {self.audio}" if self.audio else self._state
+        if self._audio_state:
+            state += f" ({self._audio_state})"
         dropped = self.dropped
         return f"{state}, {dropped} dropped" if dropped else state
 
@@ -354,8 +370,14 @@ class NetworkSink(Sink):
         self.check(image)
         self._buffer.put((image.copy(), time.monotonic()))
 
-    def send_audio(self, samples: np.ndarray, at: float) -> None:
-        self._audio.put((samples, at))
+    def send_audio(
+        self,
+        samples: np.ndarray,
+        at: float,
+        rate: int = RATE,
+        coded: Sequence[tuple[CodedAudio, float]] = (),
+    ) -> None:
+        self._audio.put((samples, at, rate, list(coded)))
 
     def _feed(self, stdin: BinaryIO, alive: Callable[[], bool]) -> bool:
         """Write frames (and the audio that came with them) to one egress process: True once
@@ -368,13 +390,18 @@ class NetworkSink(Sink):
                 if item is not None:
                     wire.write_frame(stdin, item[0], item[1], 0)
                 while (chunk := self._audio.take(timeout=0)) is not None:
-                    wire.write_audio(stdin, *chunk)
+                    samples, at, rate, coded = chunk
+                    for frame, on_air in coded:  # first: the track takes them before the PCM
+                        wire.write_coded(stdin, frame, on_air)
+                    wire.write_audio(stdin, samples, at, rate)
         except (OSError, ValueError):
             pass
         return False
 
     def _on_message(self, message: wire.Message) -> None:
-        if message.kind == wire.STATE:
+        if message.kind == wire.STATE and message.a == wire.AUDIO_STATE:
+            self._audio_state = message.text
+        elif message.kind == wire.STATE:
             self._state = message.text
         elif message.kind == wire.DROPS:
             self._child_dropped = message.a

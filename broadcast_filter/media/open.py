@@ -16,7 +16,7 @@ import re
 from urllib.parse import parse_qsl
 
 from . import ndi, network  # noqa: F401 - importing them registers their kinds
-from .audio import AUDIO_BITRATE
+from .audio import AUDIO_BITRATE, CHANNELS, RATE
 from .base import (
     SINKS,
     SOURCES,
@@ -249,6 +249,7 @@ def _file_sink(url: str, *, width: int, height: int, fps: float, **options) -> S
         gop=int(opts["gop"]) if "gop" in opts else None,
         audio=str(opts.get("audio", "off")),
         audio_bitrate=int(opts.get("audio_bitrate", AUDIO_BITRATE)),
+        audio_format=opts.get("audio_format", (RATE, CHANNELS)),
     )
 
 

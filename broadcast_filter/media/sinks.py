@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,8 +19,8 @@ import numpy as np
 import pyvirtualcam
 from pyvirtualcam.camera import BACKENDS
 
-from .aac import AacTrack
-from .audio import AUDIO_BITRATE
+from .aac import AacTrack, CopyTrack
+from .audio import AUDIO_BITRATE, CHANNELS, RATE, CodedAudio
 from .base import MediaError, Sink, audio_track
 from .h264 import SEND_TIME_BASE, add_h264_stream, send_time_pts
 from .sources import Device
@@ -128,7 +129,9 @@ class FileSink(Sink):
     flushed to the OS: a file cut off by SIGKILL or a crash decodes up to the last complete
     fragment. Without audio frame ``n`` gets ``pts = n`` in a ``1/fps`` time base.
 
-    With ``audio="aac"`` the file gets a 48 kHz stereo AAC track at ``audio_bitrate`` and
+    With ``audio="aac"`` the file gets an AAC track at ``audio_bitrate`` in ``audio_format``
+    (``(rate, channels)``: the source's where it is known when the file opens, else 48 kHz
+    stereo; audio in another format is converted to it, a file cannot change format) and
     both tracks share one timeline from the first :meth:`send` or :meth:`send_audio`
     (``t0``): a frame sent at ``now`` gets ``pts = round((now - t0) * 90000)`` in
     ``1/90000`` (the send time itself: frame numbers would round a late frame, and every
@@ -158,6 +161,7 @@ class FileSink(Sink):
         gop: int | None = None,
         audio: str = "off",
         audio_bitrate: int = AUDIO_BITRATE,
+        audio_format: tuple[int, int] = (RATE, CHANNELS),
     ) -> None:
         super().__init__(width=width, height=height, fps=fps)
         self.path = Path(path)
@@ -183,7 +187,10 @@ class FileSink(Sink):
                 codec=codec,
                 time_base=SEND_TIME_BASE if self.audio else None,
             )
-            self._track = AacTrack(self._container, int(audio_bitrate)) if self.audio else None
+            kind = CopyTrack if self.audio == "copy" else AacTrack
+            self._track = (
+                kind(self._container, int(audio_bitrate), *audio_format) if self.audio else None
+            )
         except (av.error.FFmpegError, OSError, ValueError) as e:
             raise MediaError(f"cannot record to {self.path} ({fmt}, {codec}): {e}") from e
         # one RGB frame, refilled in place for every send (the encoder converts it to yuv420p)
@@ -209,12 +216,24 @@ class FileSink(Sink):
         self._container.mux(self._stream.encode(self._frame))
         self.frames += 1
 
-    def send_audio(self, samples: np.ndarray, at: float) -> None:
-        """Encode samples on the video's timeline (:class:`.aac.AacTrack`)."""
+    def send_audio(
+        self,
+        samples: np.ndarray,
+        at: float,
+        rate: int = RATE,
+        coded: Sequence[tuple[CodedAudio, float]] = (),
+    ) -> None:
+        """Encode samples on the video's timeline (:class:`.aac.AacTrack`), or copy the
+        source's frames (:class:`.aac.CopyTrack`); a file keeps the format it was opened
+        with (samples in another are converted to it, frames in another are not copied)."""
         if self._track is None:
             return
         self._t0 = at if self._t0 is None else self._t0
-        self._container.mux(self._track.add(samples, at, self._t0))
+        if isinstance(self._track, CopyTrack):
+            for frame, on_air in coded:
+                if self._track.fits_coded(frame):
+                    self._container.mux(self._track.add_coded(frame, on_air, self._t0))
+        self._container.mux(self._track.add(samples, at, self._t0, rate))
 
     def close(self) -> None:
         try:

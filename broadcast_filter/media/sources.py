@@ -23,9 +23,9 @@ from typing import ClassVar
 import av
 import numpy as np
 
-from .audio import RATE, AudioChunk, AudioConverter, describe
+from .audio import AudioChunk, AudioConverter, describe, stream_format
 from .audio_input import AudioInput
-from .base import AudioListener, Frame, MediaError, Source, SourceLost
+from .base import AudioListener, CodedListener, Frame, MediaError, Source, SourceLost
 from .convert import FitPolicy, FrameConverter
 from .rate import frame_rate
 
@@ -210,8 +210,15 @@ class FittedSource(Source):
     def audio_state(self) -> str:
         return self.source.audio_state
 
+    @property  # type: ignore[override]
+    def audio_format(self) -> tuple[int, int] | None:
+        return self.source.audio_format
+
     def listen_audio(self, listener: AudioListener | None) -> None:
         self.source.listen_audio(listener)
+
+    def listen_coded(self, listener: CodedListener | None) -> None:
+        self.source.listen_coded(listener)
 
     def close(self) -> None:
         self.source.close()
@@ -292,6 +299,7 @@ class FileSource(_PyAVSource):
         audio = self._container.streams.audio
         self.carries_audio = bool(audio)
         self.audio_state = describe(audio[0].codec_context if audio else None)
+        self.audio_format = stream_format(audio[0].codec_context if audio else None)
         self._audio_broken = False
         self._audio_converter = AudioConverter()
         self._audio_next: float | None = None  # media time of the next decoded audio sample
@@ -308,7 +316,7 @@ class FileSource(_PyAVSource):
         # media time of the file's first video frame: the pacing origin (the same file on
         # every loop); audio decoded before it is known waits in `pending` (a few packets)
         first: float | None = None
-        pending: list[tuple[float, np.ndarray]] = []
+        pending: list[tuple[float, np.ndarray, int]] = []
         while True:
             video = self._container.streams.video[0]
             video.thread_type = "AUTO"
@@ -346,8 +354,8 @@ class FileSource(_PyAVSource):
             self._container.close()
             self._container = self._open()
 
-    def _decode_audio(self, packet: av.Packet) -> list[tuple[float, np.ndarray]]:
-        """``(media time, samples)`` for each chunk decoded from ``packet``; none once the
+    def _decode_audio(self, packet: av.Packet) -> list[tuple[float, np.ndarray, int]]:
+        """``(media time, samples, rate)`` for each chunk decoded from ``packet``; none once the
         audio stream failed to decode (said once, in the log and :attr:`audio_state`)."""
         if self._audio_broken:
             return []
@@ -355,11 +363,12 @@ class FileSource(_PyAVSource):
         try:
             for frame in packet.decode():
                 samples = self._audio_converter.convert(frame)
+                rate = self._audio_converter.rate
                 if frame.time is not None:
                     self._audio_next = frame.time
                 if len(samples) and self._audio_next is not None:
-                    chunks.append((self._audio_next, samples))
-                    self._audio_next += len(samples) / RATE
+                    chunks.append((self._audio_next, samples, rate))
+                    self._audio_next += len(samples) / rate
         except (av.error.FFmpegError, ValueError) as e:
             self._audio_broken = True
             self.audio_state = f"{self.audio_state}, undecodable"
@@ -369,12 +378,12 @@ class FileSource(_PyAVSource):
         return chunks
 
     def _emit_pending(
-        self, pending: list[tuple[float, np.ndarray]], pacer: Pacer, shift: float
+        self, pending: list[tuple[float, np.ndarray, int]], pacer: Pacer, shift: float
     ) -> None:
         """Hand the decoded chunks to the listener, each stamped with the time its media time
         (plus ``shift``: loop offset less the pacing origin) is due on the pacer."""
-        for t, samples in pending:
-            self._emit_audio(AudioChunk(samples, pacer.due(shift + t)))
+        for t, samples, rate in pending:
+            self._emit_audio(AudioChunk(samples, pacer.due(shift + t), rate))
         pending.clear()
 
 
@@ -393,6 +402,7 @@ class _LiveSource(_PyAVSource):
         self.spec = spec
         self._audio = AudioInput(audio, self._emit_audio) if audio else None
         self.carries_audio = self._audio is not None  # type: ignore[misc]
+        self.audio_format = self._audio.format if self._audio is not None else None
         try:
             self._container = _open_input(spec, f"{self.what} {spec.url!r}", self.hint)
         except BaseException:

@@ -8,9 +8,11 @@ Every message is a fixed header (:data:`HEADER`: kind, a, b, time, n) then a pay
 * the settings: ``(SPEC, 0, len, 0, 0)`` + JSON, sent once on stdin (never on argv, where
   ``ps`` would show stream keys);
 * a drop count: ``(DROPS, count, 0, 0, 0)``, no payload (frames the process had to drop);
-* audio: ``(AUDIO, samples, channels, captured_at, 0)`` + ``samples * channels`` float32
-  (interleaved, :data:`~broadcast_filter.media.audio.RATE` Hz); from a sink's daemon side
-  ``captured_at`` is the time the first sample goes on air.
+* audio: ``(AUDIO, samples, channels, captured_at, rate)`` + ``samples * channels`` float32
+  (interleaved, ``rate`` Hz); from a sink's daemon side ``captured_at`` is the time the
+  first sample goes on air;
+* a coded AAC-LC frame: ``(CODED, len(data) + 1, samples, captured_at, rate)`` + one byte
+  of channel count + the raw frame (the source's own, for sinks that copy it).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import BinaryIO
 
 import numpy as np
 
+from broadcast_filter.media.audio import CodedAudio
+
 HEADER = struct.Struct("<IIIdQ")
-FRAME, STATE, SPEC, DROPS, AUDIO = 1, 2, 3, 4, 5
+FRAME, STATE, SPEC, DROPS, AUDIO, CODED = 1, 2, 3, 4, 5, 6
 
 #: state codes an I/O process reports
 CONNECTING, LIVE, LOST, AUDIO_STATE = 0, 1, 2, 3
@@ -54,11 +58,25 @@ def write_frame(out: BinaryIO, image: np.ndarray, captured_at: float, index: int
     out.flush()
 
 
-def write_audio(out: BinaryIO, samples: np.ndarray, t: float) -> None:
+def write_audio(out: BinaryIO, samples: np.ndarray, t: float, rate: int) -> None:
     n, channels = samples.shape
-    out.write(HEADER.pack(AUDIO, n, channels, t, 0))
+    out.write(HEADER.pack(AUDIO, n, channels, t, rate))
     out.write(memoryview(np.ascontiguousarray(samples, np.float32)).cast("B"))
     out.flush()
+
+
+def write_coded(out: BinaryIO, coded: CodedAudio, t: float) -> None:
+    """A coded frame, stamped ``t`` (its capture time, or from the daemon its time on air)."""
+    out.write(HEADER.pack(CODED, len(coded.data) + 1, coded.samples, t, coded.rate))
+    out.write(bytes([coded.channels]) + coded.data)
+    out.flush()
+
+
+def coded_of(message: Message) -> CodedAudio:
+    """The coded frame a CODED message carries."""
+    assert isinstance(message.payload, bytes)
+    data = message.payload
+    return CodedAudio(data[1:], message.t, message.b, message.n, data[0])
 
 
 def write_text(out: BinaryIO, kind: int, code: int, text: str, t: float = 0.0) -> None:
@@ -100,7 +118,7 @@ def read_message(inp: BinaryIO) -> Message | None:
         if not _read_into(inp, memoryview(samples).cast("B")):
             return None
         return Message(kind, a, b, t, n, samples)
-    payload = _read_exact(inp, 0 if kind == DROPS else b)
+    payload = _read_exact(inp, 0 if kind == DROPS else a if kind == CODED else b)
     return None if payload is None else Message(kind, a, b, t, n, payload)
 
 

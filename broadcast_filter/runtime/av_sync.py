@@ -10,19 +10,19 @@ with the next frame it takes, up to the skipped span later than it happened
 (:class:`SkippedInput`); the delay aims at the middle of that span too, so the sound is as
 often a little early as a little late instead of always early.
 
-:class:`AudioLine` holds the source's audio on its capture clock and emits it on a
-continuous output timeline: output sample ``j`` goes on air at wall time ``j / RATE``
-(``time.monotonic()``), so the number of samples emitted always equals the elapsed time
-times the rate (no drift), and the samples it carries are those captured ``delay`` seconds
-earlier. Where no input was captured (no audio, a lost source) it emits silence. When the
-lasting delay changes (another preset, passthrough) the read position jumps once, with a
-short crossfade between the old and the new position: no click, no pitch change. Where the
-video's latency spreads wider than broadcast tolerance (a loaded machine, a model much
-slower than the input), no single delay keeps every frame in sync: the tracker counts the
-frames off sync and the status line says what share of the recent ones are. Audio is
-emitted ``margin`` seconds behind the wall clock, so samples that arrive a little after
-their video frame (audio is encoded in blocks) are already there; sinks place each chunk by
-its ``at`` time, so this adds no offset.
+:class:`AudioLine` holds the source's audio on its capture clock and emits it on a continuous output
+timeline: output sample ``j`` goes on air at wall time ``j / rate`` (``time.monotonic()``, at the
+source's own sample rate), so the number of samples emitted always equals the elapsed time times the
+rate (no drift), and the samples it carries are those captured ``delay`` seconds earlier. Where no
+input was captured (no audio, a lost source) it emits silence. When the lasting delay changes
+(another preset, passthrough) the read position jumps once, with a short crossfade between the old
+and the new position: no click, no pitch change. Where the video's latency spreads wider than
+broadcast tolerance (a loaded machine, a model much slower than the input), no single delay keeps
+every frame in sync: the tracker counts the frames off sync and the status line says what share of
+the recent ones are. Audio is emitted a margin behind the wall clock, so samples that arrive a
+little after their video frame (audio is encoded in blocks) are already there: as much as the held
+delay does not already cover. Sinks place each chunk by its ``at`` time, so the margin adds no
+offset.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from collections import deque
 
 import numpy as np
 
-from broadcast_filter.media.audio import CHANNELS, RATE, AudioChunk, silence
+from broadcast_filter.media.audio import CHANNELS, RATE, AudioChunk, CodedAudio, silence
 
 #: a chunk that starts this close to where the previous one ended is taken as contiguous
 #: (stamps carry rounding and the stream's own timestamp jitter)
@@ -161,13 +161,36 @@ class SkippedInput:
         return max(0.0, captured_at - last - statistics.median(spacing))
 
 
+#: what :meth:`AudioLine.pull` returns: samples, their time on air, their rate, and the
+#: source's coded frames on air within them with their times
+Pulled = tuple[np.ndarray, float, int, list[tuple[CodedAudio, float]]]
+
+
 class AudioLine:
     """A delay line from a source's audio (:meth:`put`) to the sinks (:meth:`pull`).
 
     It reads the delay from ``tracker`` (fed by the output thread). ``capacity_s`` of input
     is kept (longer than any video delay); ``splice_s`` is the crossfade when the delay
     changes. Thread-safe: ``put`` comes from the source's thread, ``pull`` from the output's.
+
+    The line works in the format of the audio it is given (rate and channels: the source's
+    own); it starts in ``rate`` / ``channels`` (silence before any input) and switches when a
+    chunk of another format arrives (a new publisher): the output timeline goes on unbroken,
+    counted in the new rate, and the old format's unplayed input is dropped.
+
+    ``margin`` is how far behind the wall clock audio is emitted, so that input arriving
+    after its video is there when read. Where :meth:`put` is told each chunk's arrival, the
+    line measures how late audio arrives and emits it only as far behind as the held delay
+    does not already cover (at least :data:`MIN_MARGIN_S`): with a styled picture's delay
+    the audio leaves with its picture, not ``margin`` after it.
     """
+
+    #: the least margin an adaptive line keeps (one output tick at 30 fps)
+    MIN_MARGIN_S = 0.03
+    #: added to the latest recent arrival: room for a chunk a little later than those seen
+    SPARE_S = 0.02
+    #: how many recent chunks' arrival lags the adaptive margin is taken over
+    LAG_WINDOW = 100
 
     def __init__(
         self,
@@ -176,31 +199,64 @@ class AudioLine:
         margin: float = 0.1,
         capacity_s: float = 10.0,
         splice_s: float = 0.01,
+        rate: int = RATE,
+        channels: int = CHANNELS,
     ) -> None:
         self.tracker = tracker
-        self.margin = margin
-        self._cap = int(capacity_s * RATE)
-        self._ring = np.zeros((self._cap, CHANNELS), np.float32)
-        self._stamp = np.full(self._cap, -1, np.int64)  # absolute index held in each slot
-        self._splice = max(1, int(splice_s * RATE))
+        self.fixed_margin = margin
+        self._capacity_s, self._splice_s = capacity_s, splice_s
         self._lock = threading.Lock()
+        self._lags: deque[float] = deque(maxlen=self.LAG_WINDOW)
+        self._out: int | None = None  # next output sample index (on air at _out / rate)
+        #: input samples received; output samples read from missing input (silence); output
+        #: samples skipped after a stall longer than MAX_PULL_S (all in the current rate)
+        self.received = 0
+        self.silent = 0
+        self.skipped = 0
+        self.rate = rate
+        self._reset(rate, channels)
+        #: times the input's format changed (a publisher with another rate or layout)
+        self.format_changes = 0
+
+    def _reset(self, rate: int, channels: int) -> None:
+        """Empty the line for input of ``rate`` Hz, ``channels`` channels; the output
+        timeline continues, re-counted in the new rate."""
+        scale = rate / self.rate
+        if self._out is not None:
+            self._out = round(self._out * scale)
+        self.received = round(self.received * scale)
+        self.silent, self.skipped = round(self.silent * scale), round(self.skipped * scale)
+        self.rate, self.channels = rate, channels
+        self._cap = int(self._capacity_s * rate)
+        self._ring = np.zeros((self._cap, channels), np.float32)
+        self._stamp = np.full(self._cap, -1, np.int64)  # absolute index held in each slot
+        self._splice = max(1, int(self._splice_s * rate))
         self._next_in: int | None = None
-        self._out: int | None = None  # next output sample index (on air at _out / RATE)
+        # the source's coded frames (for sinks that copy them), by capture index, in order
+        self._coded: deque[tuple[int, CodedAudio]] = deque()
+        self._coded_next: int | None = None
         self._read_delay: int | None = None  # delay in samples the last pull read at
         # the crossfade in progress: the delay it fades from and how many samples are done
         # (a pull shorter than the splice continues it in the next, at the same slope)
         self._fade_from: int | None = None
         self._faded = 0
-        #: input samples received; output samples read from missing input (silence)
-        self.received = 0
-        self.silent = 0
-        #: output samples skipped after a stall longer than MAX_PULL_S
-        self.skipped = 0
 
     @property
     def delay(self) -> float | None:
         """The lasting delay the audio is held back by (seconds), once a frame went out."""
         return self.tracker.delay
+
+    @property
+    def margin(self) -> float:
+        """How far behind the wall clock the next pull emits (see the class docstring)."""
+        with self._lock:
+            return self._margin()
+
+    def _margin(self) -> float:
+        delay = self.tracker.delay
+        if not self._lags or delay is None:
+            return self.fixed_margin
+        return max(self.MIN_MARGIN_S, max(self._lags) + self.SPARE_S - delay)
 
     @property
     def state(self) -> str:
@@ -211,15 +267,22 @@ class AudioLine:
             text += f", {off:.0%} of frames off sync"
         return text
 
-    def put(self, chunk: AudioChunk) -> None:
-        """Store captured samples at their capture time."""
+    def put(self, chunk: AudioChunk, arrival: float | None = None) -> None:
+        """Store captured samples at their capture time; ``arrival`` (``time.monotonic()``
+        when the chunk came) lets the line adapt its margin."""
         samples = chunk.samples
         n = len(samples)
         if n == 0:
             return
-        start = round(chunk.captured_at * RATE)
         with self._lock:
-            if self._next_in is not None and abs(start - self._next_in) <= SNAP_S * RATE:
+            if (chunk.rate, chunk.channels) != (self.rate, self.channels):
+                self._reset(chunk.rate, chunk.channels)
+                self.format_changes += 1
+            if arrival is not None:
+                self._lags.append(arrival - chunk.captured_at)
+            rate = self.rate
+            start = round(chunk.captured_at * rate)
+            if self._next_in is not None and abs(start - self._next_in) <= SNAP_S * rate:
                 start = self._next_in
             if n > self._cap:
                 samples, start, n = samples[-self._cap :], start + n - self._cap, self._cap
@@ -230,28 +293,47 @@ class AudioLine:
             self._next_in = start + n
             self.received += n
 
-    def pull(self, now: float) -> tuple[np.ndarray, float] | None:
-        """The samples due on air up to ``now - margin`` since the last pull, and the wall
-        time of the first; ``None`` at the first pull (it starts the timeline) or when none
-        are due. Before the first frame's latency is known the output is silence (the
-        picture is the slate then): the sound starts with the output, never later."""
-        end = math.floor((now - self.margin) * RATE)
+    def put_coded(self, coded: CodedAudio) -> None:
+        """Store one of the source's coded frames at its capture time (kept as long as the
+        samples; a frame in another rate than the line's is not on its timeline)."""
         with self._lock:
+            if coded.rate != self.rate:
+                return
+            start = round(coded.captured_at * self.rate)
+            last = self._coded_next
+            if last is not None and abs(start - last) <= SNAP_S * self.rate:
+                start = last
+            self._coded.append((start, coded))
+            self._coded_next = start + coded.samples
+            while self._coded[0][0] < start - self._cap:
+                self._coded.popleft()
+
+    def pull(self, now: float) -> Pulled | None:
+        """The samples due on air up to ``now - margin`` since the last pull, the wall time
+        of the first, their rate, and the source's coded frames that go on air within them
+        (each with its time on air); ``None`` at the first pull (it starts the timeline) or
+        when none are due. Before the first frame's latency is known the output is silence
+        (the picture is the slate then): the sound starts with the output, never later."""
+        with self._lock:
+            rate = self.rate
+            end = math.floor((now - self._margin()) * rate)
             delay = self.tracker.delay
             if self._out is None:
                 self._out = end
                 return None
             if end <= self._out:
                 return None
-            if end - self._out > MAX_PULL_S * RATE:
-                self.skipped += end - self._out - int(MAX_PULL_S * RATE)
-                self._out = end - int(MAX_PULL_S * RATE)
+            if end - self._out > MAX_PULL_S * rate:
+                self.skipped += end - self._out - int(MAX_PULL_S * rate)
+                self._out = end - int(MAX_PULL_S * rate)
             start, n = self._out, end - self._out
             self._out = end
             if delay is None:
                 self.silent += n
-                return silence(n), start / RATE
-            new = round(delay * RATE)
+                return silence(n, self.channels), start / rate, rate, []
+            new = round(delay * rate)
+            lo, hi = start - new, end - new
+            coded = [(c, (i + new) / rate) for i, c in self._coded if lo <= i < hi]
             samples = self._read(start - new, n, count=True)
             if self._read_delay is not None and self._read_delay != new:
                 self._fade_from, self._faded = self._read_delay, 0
@@ -265,7 +347,7 @@ class AudioLine:
                 if self._faded >= self._splice:
                     self._fade_from = None
             self._read_delay = new
-        return samples, start / RATE
+        return samples, start / rate, rate, coded
 
     def _read(self, start: int, n: int, *, count: bool = False) -> np.ndarray:
         index = np.arange(start, start + n)

@@ -30,7 +30,8 @@ from broadcast_filter.control.guard import check_preset_model
 from broadcast_filter.control.obs_bridge import ObsBridge
 from broadcast_filter.control.presets import Preset, PresetLibrary
 from broadcast_filter.diffusion.spec import ModelSpec
-from broadcast_filter.media.base import Sink
+from broadcast_filter.media.audio import CHANNELS, RATE
+from broadcast_filter.media.base import Sink, Source
 from broadcast_filter.media.network import mask_url
 from broadcast_filter.media.open import open_sink, open_source
 from broadcast_filter.runtime.batcher import Batcher
@@ -40,21 +41,35 @@ from broadcast_filter.runtime.engine import Engine, SharedModels, load_engine
 from broadcast_filter.runtime.telemetry import StatusLine, Telemetry
 
 
-def sink_options(settings: SinkSettings, audio: bool) -> dict[str, object]:
-    """A sink's options: when the source may carry audio, sinks that can carry it get an
-    AAC track unless their options say ``audio: off``; otherwise none gets one."""
-    if not audio:
+def sink_options(settings: SinkSettings, audio: tuple[int, int] | None) -> dict[str, object]:
+    """A sink's options: when the source may carry audio (``audio``: the format it opens
+    in, ``(rate, channels)``), sinks that can carry it get an audio track unless their
+    options say ``audio: off``; otherwise none gets one."""
+    if audio is None:
         return {**settings.options, "audio": "off"}
-    return {"audio": "aac", **settings.options}
+    return {"audio": "aac", **settings.options, "audio_format": audio}
+
+
+def audio_format(source: Source) -> tuple[int, int] | None:
+    """The format a daemon's audio opens in: the source's where it knows it when opened,
+    48 kHz stereo where it may carry sound later; ``None`` for a source without sound."""
+    if not source.carries_audio:
+        return None
+    return source.audio_format or (RATE, CHANNELS)
 
 
 def open_sinks(
-    sinks: Sequence[SinkSettings], width: int, height: int, fps: float, *, audio: bool = False
+    sinks: Sequence[SinkSettings],
+    width: int,
+    height: int,
+    fps: float,
+    *,
+    audio: tuple[int, int] | None = None,
 ) -> list[tuple[str, Sink]]:
     """Open every sink, or none: on a failure the ones already open are closed again.
     Each is named by its URL with secrets masked (stream keys never reach the status line).
-    With ``audio`` (the source may carry sound), sinks that can carry it get an audio track
-    unless their options say ``audio: off``."""
+    With ``audio`` (the source may carry sound, in this ``(rate, channels)``), sinks that
+    can carry it get an audio track unless their options say ``audio: off``."""
     opened: list[tuple[str, Sink]] = []
     try:
         for settings in sinks:
@@ -168,7 +183,7 @@ def build_daemon(
     telemetry.set_state(preset=first.name, mode="starting", bypass=False)
     src = config.source
     source = open_source(src.url, width=w, height=h, fps=config.fps, fit=src.fit, **src.options)
-    audio = source.carries_audio
+    audio = audio_format(source)
     try:
         sinks = open_sinks(config.sinks, w, h, config.fps, audio=audio)
     except BaseException:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from broadcast_filter.control.config import ConfigError
-from broadcast_filter.media.audio import RATE
+from broadcast_filter.media.audio import CHANNELS, RATE
 from broadcast_filter.media.base import Frame, Sink, Source, SourceLost
 from broadcast_filter.runtime.av_sync import AudioLine, DelayTracker, SkippedInput
 from broadcast_filter.runtime.controller import Controller, Result
@@ -107,8 +107,11 @@ class Daemon:
         self.audio: AudioLine | None = None
         self._audio_said = "none"
         if source.carries_audio and any(s.audio for _, s in sinks):
-            self.audio = AudioLine(self.delay)
-            source.listen_audio(self.audio.put)
+            rate, channels = source.audio_format or (RATE, CHANNELS)
+            line = self.audio = AudioLine(self.delay, rate=rate, channels=channels)
+            source.listen_audio(lambda chunk: line.put(chunk, time.monotonic()))
+            if any(s.audio == "copy" for _, s in sinks):
+                source.listen_coded(line.put_coded)
             self.status_fields["audio"] = self._audio_state
         controller.attach(self.details, lambda: self._last_image)
 
@@ -179,8 +182,8 @@ class Daemon:
         return {
             "source": self.source.audio_state,
             "delay_s": line.delay,
-            "silence_s": line.silent / RATE,
-            "skipped_s": line.skipped / RATE,
+            "silence_s": line.silent / line.rate,
+            "skipped_s": line.skipped / line.rate,
             "frames": self.delay.frames,
             "off_sync_frames": self.delay.off_sync,
             "sinks": [name for name, sink in list(self.sinks.sinks.items()) if sink.audio],
@@ -191,7 +194,7 @@ class Daemon:
         assert self.audio is not None
         text = f"{self.source.audio_state}, {self.audio.state}"
         if self.audio.skipped:
-            text += f", {self.audio.skipped / RATE:.1f} s skipped"
+            text += f", {self.audio.skipped / self.audio.rate:.1f} s skipped"
         return text
 
     def request_stop(self, reason: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from broadcast_filter.backoff import backoff_delay
+from broadcast_filter.media.audio import CodedAudio
 from broadcast_filter.media.base import Sink
 from broadcast_filter.runtime.watchdog import SafetySettings
 
@@ -58,13 +59,21 @@ class SinkGroup:
             except Exception as exc:  # one sink's failure must not stop the others
                 self._failed(name, exc, now)
 
-    def send_audio(self, samples: np.ndarray, at: float, now: float) -> None:
-        """Send audio going on air at ``at`` to every open sink with an audio track."""
+    def send_audio(
+        self,
+        samples: np.ndarray,
+        at: float,
+        rate: int,
+        coded: Sequence[tuple[CodedAudio, float]],
+        now: float,
+    ) -> None:
+        """Send audio (``rate`` Hz) going on air at ``at`` to every open sink with audio,
+        the source's ``coded`` frames within it to those that copy them."""
         for name, sink in list(self.sinks.items()):
             if not sink.audio:
                 continue
             try:
-                sink.send_audio(samples, at)
+                sink.send_audio(samples, at, rate, coded if sink.audio == "copy" else ())
             except Exception as exc:  # as for video: isolate, close, re-open later
                 self._failed(name, exc, now)
 
