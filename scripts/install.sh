@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything broadcast_filter and its test suite need, from scratch, into ./.venv.
-#   - Debian packages for the real-peer tests (ffmpeg, nginx-rtmp, srt-tools, Xvfb, OBS) when
+#   - Debian packages for the real-peer tests (ffmpeg, nginx-rtmp, srt-tools, Xvfb, OBS,
+#     PulseAudio with the ALSA pulse plugin for audio=alsa:default) when
 #     run as root on Debian/Ubuntu (skip with NO_APT=1);
 #   - PyTorch first, pinned so pip takes the CPU build (a GPU user installs their CUDA torch
 #     before running this: any torch>=2.4 already present is kept);
@@ -13,7 +14,7 @@ if [ "${NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nul
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     ffmpeg nginx libnginx-mod-rtmp srt-tools xvfb xauth xdotool obs-studio fonts-dejavu-core stress-ng \
-    chromium chromium-driver \
+    chromium chromium-driver pulseaudio pulseaudio-utils libasound2-plugins \
     >/dev/null
 fi
 

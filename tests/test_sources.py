@@ -367,9 +367,11 @@ def test_screen_with_an_audio_device_stamps_its_sound_on_the_frames_clock(xvfb):
                 onsets.append(at)
     steps = np.diff(onsets)
     print(f"\n{len(chunks)} chunks; clicks {len(onsets)}, apart {np.round(steps, 4)}")
-    assert len(onsets) >= 3
-    # stamps come from the device's timestamps, not from when the thread got to them
-    assert np.allclose(steps, 0.5, atol=0.002), steps
+    assert len(onsets) >= 4
+    # stamps come from the device's timestamps, not from when the thread got to them; the
+    # first click's chunks were decoded at open (probing) and waited for the thread: the
+    # clock learns the smallest offset (no stamp after its arrival), so they sit earlier
+    assert np.allclose(steps[1:], 0.5, atol=0.002), steps
     # and they are on the frames' clock: the last click is no older than the last frame + 1 s
     assert abs(onsets[-1] - frames[-1].captured_at) < 1.0
 

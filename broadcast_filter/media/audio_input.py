@@ -12,14 +12,26 @@ PyAV input and read by a thread of its own:
 
 Chunks are stamped on the monotonic clock through the device's own timestamps
 (:class:`~broadcast_filter.media.audio.MediaClock`), so the stamps do not jitter with the
-reading thread. A device that fails is said once on the audio state; the picture goes on.
+reading thread. Their offset is the smallest seen (no chunk is stamped after it arrived),
+not the first chunk's: through PulseAudio's ALSA plugin FFmpeg dates the first second's
+reads ~0.5 s too early before its time filter settles (~2 s), and an anchor on the first
+chunk kept that error for good. A device that fails is said once on the audio state; the
+picture goes on.
+
+PyAV's Linux wheels bundle a libasound built to find its configuration and plugins under
+its build tree (``/tmp/vendor``): as shipped it knows no ALSA device, not even ``default``,
+and cannot load the PulseAudio/PipeWire plugin. :func:`use_system_alsa` points it at the
+system's (``ALSA_CONFIG_DIR``, ``ALSA_PLUGIN_DIR``) unless they are set already.
 """
 
 from __future__ import annotations
 
+import os
+import sysconfig
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import av
 import av.error
@@ -49,6 +61,22 @@ def parse_audio_device(value: str) -> tuple[str, str]:
     return fmt, device
 
 
+def use_system_alsa() -> None:
+    """Let a libasound bundled with PyAV (``av.libs/``) read the system's ALSA configuration
+    and plugins; nothing where PyAV uses the system's libasound or the variables are set.
+    Called before the first ALSA device is opened: libasound reads them once."""
+    libs = Path(av.__file__).resolve().parent.parent / "av.libs"
+    if not any(libs.glob("libasound*")):
+        return
+    if Path("/usr/share/alsa/alsa.conf").is_file():
+        os.environ.setdefault("ALSA_CONFIG_DIR", "/usr/share/alsa")
+    multiarch = sysconfig.get_config_var("MULTIARCH") or "-"
+    for folder in (f"/usr/lib/{multiarch}/alsa-lib", "/usr/lib64/alsa-lib", "/usr/lib/alsa-lib"):
+        if any(Path(folder).glob("libasound_module_pcm_*.so")):
+            os.environ.setdefault("ALSA_PLUGIN_DIR", folder)
+            break
+
+
 class AudioInput:
     """One audio input device, decoded to chunks in its own rate and channels for ``emit``
     by a thread."""
@@ -57,6 +85,8 @@ class AudioInput:
         self.input_format, self.device = parse_audio_device(value)
         self.label = value
         self._emit = emit
+        if self.input_format == "alsa":
+            use_system_alsa()
         try:
             self._container = av.open(self.device, format=self.input_format, timeout=(5.0, 2.0))
         except av.error.FFmpegError as exc:
@@ -83,7 +113,8 @@ class AudioInput:
                     break
                 samples = converter.convert(frame)
                 if len(samples):
-                    at = clock.at(frame.time, time.monotonic())
+                    # the smallest offset seen, not the first (see the module's docstring)
+                    at = clock.video(frame.time, time.monotonic())
                     self._emit(AudioChunk(samples, at, converter.rate))
         except (av.error.FFmpegError, OSError) as exc:
             if not self._stop.is_set():
