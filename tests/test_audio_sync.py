@@ -447,3 +447,37 @@ def test_audio_copy_carries_the_sources_own_aac_frames_in_its_format(
         within=MATCH_S + half_frame,
     )  # fmt: skip
     report(offsets, f"copy {transport} -> {out}")
+
+
+def test_audio_copy_from_a_file_into_an_mp4(tmp_path, model_cache):
+    """A file source's AAC (44.1 kHz mono, in MP4) copied into an MP4 recording: the file's
+    format is known when the daemon opens, so the recording is made in it from the start
+    and carries the file's own frames, each pair as the daemon emitted it."""
+    clip = tmp_path / "source.mp4"
+    argv = sync_pattern.publish_argv(
+        str(clip), "mp4", SIZE, FPS, 10, rate=44100, channels=1, realtime=False
+    )
+    subprocess.run(argv, check=True, timeout=120)
+    out = tmp_path / "out.mp4"
+    sinks = [{"url": str(out), "options": {"audio": "copy"}}]
+    config = passthrough_config(tmp_path, str(clip), sinks, model_cache)
+    with running(config) as (daemon, _, _lines):
+        on_air = OnAir(daemon)
+        wait_for("the file played", lambda: daemon.audio.received >= 8 * 44100, 60)
+        time.sleep(0.5)
+    import av
+
+    with av.open(str(out)) as container:
+        codec = container.streams.audio[0].codec_context
+        assert (codec.name, codec.sample_rate, codec.layout.nb_channels) == ("aac", 44100, 1)
+    sent, got = set(aac_frames(clip)), aac_frames(out)
+    copied = sum(frame in sent for frame in got)
+    print(f"{copied} of {len(got)} recorded frames are the file's own")
+    assert copied >= 0.9 * len(got), (copied, len(got))
+    reading = sync_pattern.measure(str(out))
+    assert len(reading.pairs) >= 3, reading.pairs
+    sink = on_air.sink("out.mp4")
+    offsets = check_output(
+        reading, on_air, sink, on_air.first_sent(sink), "file copy", within=MATCH_S + 512 / 44100
+    )
+    report(offsets, "copy file -> mp4")

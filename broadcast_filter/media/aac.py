@@ -144,6 +144,27 @@ def split_adts(data: bytes) -> tuple[bytes, tuple[str, int, int]] | None:
     return data[header:], (PROFILES.get(kind, str(kind)), AAC_RATES[freq], AAC_CHANNELS[layout])
 
 
+def coded_frame(
+    data: bytes, config: tuple[str, int, int] | None, decoded: av.AudioFrame
+) -> CodedAudio | None:
+    """The AAC-LC frame in a demuxed packet, for sinks that copy it (``captured_at`` left
+    0): raw frames with the stream's ``config`` (FLV, MP4, MKV), ADTS frames by their own
+    header (MPEG-TS); ``None`` for another profile, or one whose ``decoded`` rate is not
+    its config's (HE-AAC signalled implicitly)."""
+    adts = split_adts(data)
+    raw, found = adts if adts is not None else (data, config)
+    if found is None or found[0] != "LC" or decoded.sample_rate != found[1]:
+        return None
+    return CodedAudio(raw, 0.0, decoded.samples, found[1], found[2])
+
+
+def stream_config(codec: av.AudioCodecContext) -> tuple[str, int, int] | None:
+    """An AAC stream's ``(profile, rate, channels)`` from its extradata, if it has one."""
+    if codec.name != "aac" or not codec.extradata:
+        return None
+    return parse_config(bytes(codec.extradata))
+
+
 def silent_frame(rate: int, channels: int) -> bytes:
     """One AAC-LC frame of silence in a steady state (the encoder's fourth): repeated, it
     fills a copied track where the source sent nothing."""
@@ -196,8 +217,8 @@ class CopyTrack(AacTrack):
         """Place one source frame (on air at ``at``) on the timeline from ``t0``."""
         n = coded.samples
         start = round((at - t0) * self.rate)
-        end = self._end if self._end is not None else start
-        if start + n // 2 < end:  # already covered: the delay fell
+        end = self._end if self._end is not None else 0  # the track starts at t0, as AacTrack
+        if start + n // 2 < end:  # already covered (the delay fell), or before t0
             return []
         packets = []
         while start - end >= n - n // 2:  # a gap of a frame or more: silence

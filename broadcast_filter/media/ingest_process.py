@@ -32,7 +32,7 @@ import av.error
 
 from broadcast_filter.backoff import Backoff
 from broadcast_filter.media import portable, wire
-from broadcast_filter.media.aac import parse_config, split_adts
+from broadcast_filter.media.aac import coded_frame, stream_config
 from broadcast_filter.media.audio import AudioConverter, CodedAudio, MediaClock, describe
 from broadcast_filter.media.sources import LIVE_PROBE
 from broadcast_filter.media.srt_bridge import free_udp_port, start_srt_bridge
@@ -71,19 +71,8 @@ class Reporter:
             at = self.clock.at(start, time.monotonic())
             wire.write_audio(self.out, samples, at, self._audio.rate)
 
-    def coded(
-        self,
-        data: bytes,
-        config: tuple[str, int, int],
-        media_time: float | None,
-        decoded: av.AudioFrame,
-    ) -> None:
-        """Send one AAC-LC frame as it came (for sinks that copy it), stamped as its audio;
-        not one whose decoded rate is not its stream's (HE-AAC signalled implicitly)."""
-        profile, rate, channels = config
-        if profile != "LC" or media_time is None or decoded.sample_rate != rate:
-            return
-        frame = CodedAudio(data, 0.0, decoded.samples, rate, channels)
+    def coded(self, frame: CodedAudio, media_time: float) -> None:
+        """Send one AAC-LC frame as it came (for sinks that copy it), stamped as its audio."""
         wire.write_coded(self.out, frame, self.clock.at(media_time, time.monotonic()))
 
     def new_connection(self) -> None:
@@ -119,19 +108,9 @@ class AudioDecoder:
         )
         self.name = describe(stream.codec_context if stream else None)
         self._aac = stream is not None and stream.codec_context.name == "aac"
-        self._config = (
-            parse_config(bytes(stream.codec_context.extradata or b"")) if stream else None
-        )
+        self._config = stream_config(stream.codec_context) if stream else None
         self.bad = self._failing = 0
         report.audio_state(self.name)
-
-    def _coded(self, data: bytes) -> tuple[bytes, tuple[str, int, int]] | None:
-        """The raw frame and its ``(profile, rate, channels)``: from its ADTS header
-        (MPEG-TS), else the stream's AudioSpecificConfig (FLV)."""
-        adts = split_adts(data)
-        if adts is not None:
-            return adts
-        return None if self._config is None else (data, self._config)
 
     def decode(self, packet: av.Packet) -> None:
         if self.stream is None:
@@ -142,8 +121,10 @@ class AudioDecoder:
         try:
             for part in self._parser.parse(bytes(packet)) if self._parser else [packet]:
                 frames = codec.decode(part)
-                if self._aac and frames and (found := self._coded(bytes(part))) is not None:
-                    self.report.coded(*found, coded_time, frames[0])
+                aac = self._aac and frames
+                coded = coded_frame(bytes(part), self._config, frames[0]) if aac else None
+                if coded is not None and coded_time is not None:
+                    self.report.coded(coded, coded_time)
                 if coded_time is not None and frames and frames[0].sample_rate:
                     coded_time += sum(f.samples for f in frames) / frames[0].sample_rate
                 for frame in frames:

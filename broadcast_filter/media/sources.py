@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -23,7 +24,8 @@ from typing import ClassVar
 import av
 import numpy as np
 
-from .audio import AudioChunk, AudioConverter, describe, stream_format
+from .aac import coded_frame, stream_config
+from .audio import AudioChunk, AudioConverter, CodedAudio, describe, stream_format
 from .audio_input import AudioInput
 from .base import AudioListener, CodedListener, Frame, MediaError, Source, SourceLost
 from .convert import FitPolicy, FrameConverter
@@ -300,6 +302,7 @@ class FileSource(_PyAVSource):
         self.carries_audio = bool(audio)
         self.audio_state = describe(audio[0].codec_context if audio else None)
         self.audio_format = stream_format(audio[0].codec_context if audio else None)
+        self._aac_config = stream_config(audio[0].codec_context) if audio else None
         self._audio_broken = False
         self._audio_converter = AudioConverter()
         self._audio_next: float | None = None  # media time of the next decoded audio sample
@@ -316,7 +319,7 @@ class FileSource(_PyAVSource):
         # media time of the file's first video frame: the pacing origin (the same file on
         # every loop); audio decoded before it is known waits in `pending` (a few packets)
         first: float | None = None
-        pending: list[tuple[float, np.ndarray, int]] = []
+        pending: list[tuple[float, np.ndarray | CodedAudio, int]] = []
         while True:
             video = self._container.streams.video[0]
             video.thread_type = "AUTO"
@@ -354,14 +357,19 @@ class FileSource(_PyAVSource):
             self._container.close()
             self._container = self._open()
 
-    def _decode_audio(self, packet: av.Packet) -> list[tuple[float, np.ndarray, int]]:
-        """``(media time, samples, rate)`` for each chunk decoded from ``packet``; none once the
-        audio stream failed to decode (said once, in the log and :attr:`audio_state`)."""
+    def _decode_audio(self, packet: av.Packet) -> list[tuple[float, np.ndarray | CodedAudio, int]]:
+        """``(media time, samples, rate)`` for each chunk decoded from ``packet``, and its
+        AAC-LC frame as it is in the file (for sinks that copy it); none once the audio
+        stream failed to decode (said once, in the log and :attr:`audio_state`)."""
         if self._audio_broken:
             return []
-        chunks = []
+        chunks: list[tuple[float, np.ndarray | CodedAudio, int]] = []
         try:
-            for frame in packet.decode():
+            frames = packet.decode()
+            coded = coded_frame(bytes(packet), self._aac_config, frames[0]) if frames else None
+            if coded is not None and packet.pts is not None:
+                chunks.append((float(packet.pts * packet.time_base), coded, coded.rate))
+            for frame in frames:
                 samples = self._audio_converter.convert(frame)
                 rate = self._audio_converter.rate
                 if frame.time is not None:
@@ -383,7 +391,10 @@ class FileSource(_PyAVSource):
         """Hand the decoded chunks to the listener, each stamped with the time its media time
         (plus ``shift``: loop offset less the pacing origin) is due on the pacer."""
         for t, samples, rate in pending:
-            self._emit_audio(AudioChunk(samples, pacer.due(shift + t), rate))
+            if isinstance(samples, CodedAudio):
+                self._emit_coded(dataclasses.replace(samples, captured_at=pacer.due(shift + t)))
+            else:
+                self._emit_audio(AudioChunk(samples, pacer.due(shift + t), rate))
         pending.clear()
 
 
