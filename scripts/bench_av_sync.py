@@ -12,8 +12,9 @@ source when nginx-rtmp is installed. Recording starts once the daemon has the pu
 audio and ``--settle`` seconds more, so start-up is not measured.
 
 CPU: the same daemon path (RTMP listener in, UDP out, passthrough) with a publisher that
-sends audio and one that sends none (``-an``), alternated in one daemon; and, in a second
-daemon whose sink has ``audio: off``, the publisher without audio (no audio anywhere). CPU
+sends audio and one that sends none (``-an``), alternated in one daemon; in a second daemon
+whose sink has ``audio: copy``, the publisher with audio (its AAC copied, not coded again);
+in a third whose sink has ``audio: off``, the publisher without audio (no audio anywhere). CPU
 seconds of this process (daemon threads) and its child processes (ingest, egress) per second
 of stream, from /proc; the publisher is counted apart, nothing records.
 
@@ -246,14 +247,16 @@ def cpu_window(
 def cpu_bench(
     size: tuple[int, int], seconds: float, rounds: int, warmup: float, cache: str
 ) -> list[dict]:
-    """Audio vs no audio (alternated, one daemon), then no audio anywhere (sink audio off)."""
+    """Audio vs no audio (alternated, one daemon), then the source's AAC copied (sink audio
+    copy), then no audio anywhere (sink audio off)."""
     variants = {
         "audio in, aac out": (True, "aac"),
         "no audio in (-an), aac out (silent track)": (False, "aac"),
+        "audio in, copy out": (True, "copy"),
         "no audio in (-an), audio: off": (False, "off"),
     }
     got: dict[str, list[dict]] = {name: [] for name in variants}
-    for sink_audio in ("aac", "off"):
+    for sink_audio in ("aac", "copy", "off"):
         names = [n for n, (_, a) in variants.items() if a == sink_audio]
         folder = Path(tempfile.mkdtemp(prefix=f"av-cpu-{sink_audio}-"))
         url = f"rtmp://127.0.0.1:{peers.free_port()}/live/k"

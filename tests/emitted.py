@@ -73,6 +73,10 @@ class OnAir:
         """Frames sink ``name`` dropped on the way to its encoder (counted under load)."""
         return getattr(self._sinks[name], "dropped", 0)
 
+    def copies(self, name: str) -> bool:
+        """Whether sink ``name`` copies the source's AAC frames (``audio: copy``)."""
+        return getattr(self._sinks[name], "audio", "") == "copy"
+
     def first_sent(self, name: str) -> float:
         return self.video[name][0][0]
 

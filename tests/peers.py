@@ -520,7 +520,7 @@ def ndi_send_av(
     """An NDI sender like a capture app, on ndi-python alone: flash frames at ``fps`` and the
     beep track in audio frames of ``block`` video frames each, sent only after their last
     video frame (as a capture app buffers audio), every frame's timecode the instant it was
-    captured. ``odd`` adds a 6-channel and a 0-sample audio frame after each block. It waits
+    captured. ``odd`` adds a 16-channel and a 0-sample audio frame after each block. It waits
     up to ``wait`` s for a receiver before the first frame (and for the file ``go`` to
     exist, when given). Returns the flash timecodes."""
     ndi = _ndi()
@@ -564,8 +564,8 @@ def ndi_send_av(
         ndi.send_send_audio_v2(sender, audio)
         sent += 1
         if odd:
-            six = np.zeros((6, 480), np.float32)
-            audio.data, audio.no_channels, audio.no_samples = six, 6, 480
+            many = np.zeros((16, 480), np.float32)  # more than any layout the daemon knows
+            audio.data, audio.no_channels, audio.no_samples = many, 16, 480
             ndi.send_send_audio_v2(sender, audio)
             audio.no_samples = 0
             audio.no_channels = channels

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from broadcast_filter.media.audio import RATE, AudioChunk
+from broadcast_filter.media.audio import RATE, AudioChunk, CodedAudio
 from broadcast_filter.runtime.av_sync import SNAP_S, AudioLine, DelayTracker, SkippedInput
 
 T0 = 1000.0  # a monotonic time far from zero, as on a running machine
@@ -61,7 +61,7 @@ class Run:
         last, to bound memory)."""
         if (due := self.line.pull(now)) is None:
             return None
-        samples, at, rate = due
+        samples, at, rate, _ = due
         assert rate == RATE
         start = round(at * RATE)
         assert start == pytest.approx(at * RATE, abs=1e-3)  # on the sample grid
@@ -258,7 +258,9 @@ def test_jittered_stamps_are_placed_contiguously():
     assert line.received == 81 * CHUNK
     # output starts where the first input sample is due (times mid-sample: floor is exact)
     line.pull((start + round(0.1 * RATE) + 0.5) / RATE + line.margin)
-    samples, at, _ = line.pull((start + round(0.1 * RATE) + 80 * CHUNK + 0.5) / RATE + line.margin)
+    samples, at, _, _ = line.pull(
+        (start + round(0.1 * RATE) + 80 * CHUNK + 0.5) / RATE + line.margin
+    )
     assert round(at * RATE) == start + round(0.1 * RATE)
     np.testing.assert_array_equal(samples, noise(np.arange(start, start + 80 * CHUNK)))
     assert line.silent == 0
@@ -271,7 +273,7 @@ def test_a_stamp_further_off_than_the_snap_is_taken_as_it_is():
     late = round(0.01 * RATE)  # 10 ms: a real gap in the input, not jitter
     line.put(chunk(start + CHUNK, jitter=late / RATE))
     line.pull((start + 0.5) / RATE)
-    samples, _, _ = line.pull((start + 2 * CHUNK + late + 0.5) / RATE)
+    samples, _, _, _ = line.pull((start + 2 * CHUNK + late + 0.5) / RATE)
     assert line.silent == late and not samples[CHUNK : CHUNK + late].any()
     np.testing.assert_array_equal(
         samples[CHUNK + late :], noise(np.arange(start + CHUNK, start + 2 * CHUNK))
@@ -343,7 +345,7 @@ def test_a_publisher_in_another_format_switches_the_line_without_breaking_the_ti
     for _ in range(10):
         now += 0.05
         run.feed(now)
-        samples, at, rate = line.pull(now)
+        samples, at, rate, _ = line.pull(now)
     assert rate == RATE and samples.shape[1] == 2
     end = at + len(samples) / RATE
     mono = 44_100
@@ -353,7 +355,7 @@ def test_a_publisher_in_another_format_switches_the_line_without_breaking_the_ti
     for i in range(0, len(index), 1024):
         line.put(AudioChunk(signal[i : i + 1024], index[i] / mono, mono))
     assert line.format_changes == 1 and (line.rate, line.channels) == (mono, 1)
-    samples, at, rate = line.pull(now + 1.0)
+    samples, at, rate, _ = line.pull(now + 1.0)
     assert rate == mono and samples.shape[1] == 1
     assert abs(len(samples) - (now + 1.0 - end) * mono) <= 1
     assert abs(at - end) <= 1 / mono  # the timeline goes on where it was
@@ -392,3 +394,30 @@ def test_the_margin_follows_how_late_audio_arrives_beyond_the_delay():
     captured = source >= round(T0 * RATE)
     np.testing.assert_array_equal(samples[captured], noise(source[captured]))
     assert run.line.silent == (~captured).sum()  # silence only before the first capture
+
+
+def test_coded_frames_leave_with_their_samples_one_delay_later():
+    """The source's AAC frames (for sinks that copy them) come out of the pull whose span
+    holds their time on air, capture time + the held delay, each once while the delay holds;
+    a frame in another rate than the line's is not on its timeline."""
+    line = AudioLine(tracker_at(0.2), margin=0.0)
+    start = round(T0 * RATE)
+    for i in range(50):
+        at = (start + i * CHUNK) / RATE
+        line.put(chunk(start + i * CHUNK))
+        line.put_coded(CodedAudio(bytes([i]), at + (i % 3 - 1) * 0.001, CHUNK, RATE, 2))
+    line.put_coded(CodedAudio(b"x", T0, CHUNK, 44_100, 2))  # not on this timeline
+    line.pull(T0 + 0.19)  # the timeline starts before the first frame goes on air
+    got = []
+    now = T0 + 0.19
+    while now < T0 + 0.2 + 50 * CHUNK / RATE:
+        now += 0.033
+        samples, at, rate, coded = line.pull(now)
+        end = at + len(samples) / rate
+        assert all(at - 1e-9 <= on_air < end for _, on_air in coded)
+        got += coded
+    assert [c.data for c, _ in got] == [bytes([i]) for i in range(50)]
+    first = got[0][1]
+    assert first == pytest.approx((start / RATE) + 0.2 - 0.001, abs=1 / RATE)
+    for coded, on_air in got:  # jittered stamps snap onto the run the first one began
+        assert on_air == pytest.approx(first + coded.data[0] * CHUNK / RATE, abs=1 / RATE)

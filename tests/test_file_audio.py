@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import require_tool
 
-from broadcast_filter.media.audio import AUDIO_BITRATE, RATE, AudioChunk
+from broadcast_filter.media.audio import AUDIO_BITRATE, RATE, AudioChunk, CodedAudio
 from broadcast_filter.media.base import MediaError
 from broadcast_filter.media.open import open_sink, open_source
 from broadcast_filter.media.sinks import FileSink
@@ -368,3 +368,73 @@ def test_file_sink_audio_track_starts_with_the_video_without_overlap(tmp_path, l
     jumps = [b - a for a, b in zip(ends, starts[1:], strict=False) if abs(b - a) > 2 / RATE]
     assert starts[0] == pytest.approx(0.0, abs=1 / RATE), starts[:3]
     assert not jumps, jumps
+
+
+# --- audio: copy -----------------------------------------------------------------------------
+
+
+def aac_frames(rate: int, channels: int, count: int) -> list[bytes]:
+    """``count`` AAC-LC frames of noise (each frame its own bytes) from PyAV's encoder
+    (another encoder than the sink's own), raw as FLV and MP4 carry them."""
+    codec = av.CodecContext.create("aac", "w")
+    layout = {1: "mono", 2: "stereo"}[channels]
+    codec.sample_rate, codec.layout, codec.format, codec.bit_rate = rate, layout, "fltp", 96000
+    tone = np.random.default_rng(7).uniform(-0.3, 0.3, (count + 2) * 1024)
+    frames = []
+    for i in range(count + 2):
+        block = np.repeat(tone[None, i * 1024 : (i + 1) * 1024], channels, axis=0)
+        frame = av.AudioFrame.from_ndarray(block.astype(np.float32), format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, i * 1024
+        frames += [bytes(p) for p in codec.encode(frame)]
+    return frames[1 : count + 1]  # past the priming
+
+
+def test_copy_track_keeps_the_frames_and_a_continuous_timeline(tmp_path):
+    """The copy track as the daemon drives it (44.1 kHz mono): silence before the source (encoded),
+    then the source's frames, the delay falling by 100 ms (frames it covers again dropped),
+    growing by 200 ms (a gap: silent frames), the source lost (silence encoded again). Read
+    back, every packet follows on from the last (no gap, no overlap), the source's frames are
+    there bit for bit and in order, and each sits within half a frame of its time."""
+    rate, n = 44100, 1024
+    path = tmp_path / "copy.mp4"
+    sink = FileSink(path, width=SIZE, height=SIZE, fps=FPS, audio="copy",
+                    audio_format=(rate, 1))  # fmt: skip
+    sink.send(np.zeros((SIZE, SIZE, 3), np.uint8))
+    t0 = sink._t0
+    frames = aac_frames(rate, 1, 120)
+    tick = 1470  # samples per output tick at 30 fps
+    placed: list[tuple[bytes, int]] = []  # (frame, where it should go on the track)
+    out, k, delay = 0, 0, 0  # output sample; next source frame; extra delay (samples)
+    for step in range(200):
+        coded = []
+        if 20 <= step < 160:  # the source is there
+            if step == 60:
+                delay -= round(0.1 * rate)
+            if step == 100:
+                delay += round(0.2 * rate)
+            while k < len(frames) and 20 * tick + k * n + delay < out + tick:
+                start = 20 * tick + k * n + delay
+                if start >= out:  # what the line hands out: frames on air within the tick
+                    coded.append((CodedAudio(frames[k], 0.0, n, rate, 1), t0 + start / rate))
+                    placed.append((frames[k], start))
+                k += 1
+        sink.send_audio(np.zeros((tick, 1), np.float32), t0 + out / rate, rate, coded)
+        out += tick
+    sink.close()
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        assert (stream.codec_context.sample_rate, stream.codec_context.layout.nb_channels) == (
+            rate, 1)  # fmt: skip
+        packets = [(p.pts, p.duration, bytes(p)) for p in container.demux(stream) if p.size]
+    for (pts, duration, _), (following, _, _) in itertools.pairwise(packets):
+        assert following == pts + duration, (pts, duration, following)
+    got = {data: pts for pts, _, data in packets}
+    kept = [(data, want) for data, want in placed if data in got]
+    assert len(kept) >= len(placed) - round(0.1 * rate / n) - 1  # only what the fall covered
+    assert [got[data] for data, _ in kept] == sorted(got[data] for data, _ in kept)
+    zero = packets[0][0] + n  # the picture's time 0: after the encoder's priming frame
+    misplaced = [(got[data] - zero, want) for data, want in kept]
+    assert all(abs(at - want) <= n // 2 for at, want in misplaced), misplaced
+    copied = {data for data, _ in placed}
+    gap = [p for p in packets if p[2] not in copied and 100 * tick < p[0] - zero < 110 * tick]
+    assert gap, "no silent frames where the delay grew"

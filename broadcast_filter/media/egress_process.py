@@ -134,6 +134,14 @@ class Drops:
         self.update()
 
 
+def say_audio(report: BinaryIO, track: AacTrack) -> None:
+    """The track's format, and for a copy whether it carries the source's frames now."""
+    text = format_name(track.rate, track.channels)
+    if isinstance(track, CopyTrack):
+        text += ", copying the source's AAC" if track.copying else ", encoding AAC"
+    wire.write_text(report, wire.STATE, wire.AUDIO_STATE, text)
+
+
 def send(
     container: av.container.OutputContainer,
     stream: av.VideoStream,
@@ -169,8 +177,7 @@ def send(
             container.mux(track.add(payload, at, t0, rate))
         if isinstance(track, CopyTrack) and track.copying != copying:
             copying = track.copying
-            say = "copying the source's AAC" if copying else "encoding AAC"
-            wire.write_text(report, wire.STATE, wire.AUDIO_STATE, say)
+            say_audio(report, track)
     container.mux(stream.encode(None))
     if track is not None:
         container.mux(track.flush())
@@ -194,6 +201,8 @@ def egress(
             live = True
             backoff.reset()
             wire.write_text(report, wire.STATE, wire.LIVE, "live")
+            if track is not None:
+                say_audio(report, track)
             send(container, stream, track, buffers, drops)
         except FormatChanged as change:  # not an error: no backoff
             spec["audio_rate"], spec["audio_channels"] = change.rate, change.channels

@@ -353,11 +353,11 @@ class NetworkSink(Sink):
 
     @property
     def state(self) -> str:
-        """``live``, ``live, audio aac`` (with an audio track; ``audio copy (copying the
-        source's AAC)``), and the frames it dropped."""
+        """``live``, ``live, audio aac 48k stereo`` (with an audio track; ``audio copy
+        44.1k mono, copying the source's AAC``), and the frames it dropped."""
         state = f"{self._state}, audio {self.audio}" if self.audio else self._state
-        if self._audio_state:
-            state += f" ({self._audio_state})"
+        if self.audio and self._audio_state:
+            state += f" {self._audio_state}"
         dropped = self.dropped
         return f"{state}, {dropped} dropped" if dropped else state
 

@@ -61,7 +61,7 @@ SINK_FORMS = """\
   vcam | vcam:DEVICE | vcam?backend=NAME    virtual camera (pyvirtualcam)
   null                                      discard frames (benchmarks)
   PATH.mp4 | PATH.mkv | file:PATH           H.264 recording [?preset=veryfast&crf=23&gop=N]
-                                            with AAC sound [&audio=aac|off&audio_bitrate=N]
+                                            with AAC sound [&audio=aac|copy|off&audio_bitrate=N]
   rtmp://HOST:PORT/APP/KEY                  publish H.264/FLV to an RTMP server
   udp://HOST:PORT                           H.264 in MPEG-TS over UDP (an OBS Media Source)
   srt://HOST:PORT?mode=caller | srt://:PORT?mode=listener    SRT (needs srt-live-transmit)
