@@ -54,8 +54,6 @@ class AacTrack:
         self._pending = silence(0, channels)
         self._next: int | None = None  # audio pts of the first pending sample
         self._converter: AudioConverter | None = None
-        #: samples written to the track (silence filling gaps included)
-        self.samples = 0
 
     def fits(self, rate: int, channels: int) -> bool:
         """Whether samples of this format go in as they are."""
@@ -101,7 +99,6 @@ class AacTrack:
             packets += self.stream.encode(frame)
             self._pending = self._pending[block:]
             self._next += block
-            self.samples += block
         if final:
             packets += self.stream.encode(None)
         if self._drop_priming:
@@ -204,13 +201,11 @@ class CopyTrack(AacTrack):
         self._silent = silent_frame(rate, channels)
         self._end: int | None = None  # track time after the last packet given out
         self._copy_end: int | None = None  # ... and after the last copied frame
-        #: frames copied from the source; frames encoded (none came, or they did not fit)
-        self.copied = 0
-        self.encoded = 0
         #: whether the last frame given out was the source's own
         self.copying = False
 
     def fits_coded(self, coded: CodedAudio) -> bool:
+        """Whether a source frame can be copied into this track as it is."""
         return coded.profile == "LC" and self.fits(coded.rate, coded.channels)
 
     def add_coded(self, coded: CodedAudio, at: float, t0: float) -> list[av.Packet]:
@@ -227,7 +222,6 @@ class CopyTrack(AacTrack):
         packets.append(self._packet(coded.data, end, n))
         self._end = self._copy_end = end + n
         self._next, self._pending = self._end, silence(0, self.channels)  # encode from here
-        self.copied += 1
         self.copying = True
         return packets
 
@@ -241,7 +235,6 @@ class CopyTrack(AacTrack):
             if self._end is not None and packet.pts is not None and packet.pts < self._end:
                 continue  # the encoder's tail from before the copied frames
             packets.append(packet)
-            self.encoded += 1
             self.copying = False
             if packet.pts is not None:
                 self._end = packet.pts + (packet.duration or self._block)
@@ -253,5 +246,4 @@ class CopyTrack(AacTrack):
         packet.duration = n
         packet.time_base = Fraction(1, self.rate)
         packet.stream = self.stream
-        self.samples += n
         return packet

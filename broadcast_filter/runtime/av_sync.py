@@ -178,15 +178,16 @@ class AudioLine:
     chunk of another format arrives (a new publisher): the output timeline goes on unbroken,
     counted in the new rate, and the old format's unplayed input is dropped.
 
-    ``margin`` is how far behind the wall clock audio is emitted, so that input arriving
-    after its video is there when read. Where :meth:`put` is told each chunk's arrival, the
-    line measures how late audio arrives and emits it only as far behind as the held delay
-    does not already cover (at least :data:`MIN_MARGIN_S`): with a styled picture's delay
-    the audio leaves with its picture, not ``margin`` after it.
+    ``margin`` is how far behind the wall clock audio is emitted, so that input arriving after its
+    video is there when read. Where :meth:`put` is told each chunk's arrival, the line measures how
+    late audio arrives and emits it only as far behind as the held delay does not already cover
+    (:data:`MIN_MARGIN_S` .. :data:`MAX_MARGIN_S`): with a styled picture's delay the audio leaves
+    with its picture, not ``margin`` after it.
     """
 
-    #: the least margin an adaptive line keeps (one output tick at 30 fps)
-    MIN_MARGIN_S = 0.03
+    #: the least margin an adaptive line keeps (one output tick at 30 fps), and the most (a
+    #: stray late chunk must not hold the sound back for long)
+    MIN_MARGIN_S, MAX_MARGIN_S = 0.03, 0.5
     #: added to the latest recent arrival: room for a chunk a little later than those seen
     SPARE_S = 0.02
     #: how many recent chunks' arrival lags the adaptive margin is taken over
@@ -256,7 +257,8 @@ class AudioLine:
         delay = self.tracker.delay
         if not self._lags or delay is None:
             return self.fixed_margin
-        return max(self.MIN_MARGIN_S, max(self._lags) + self.SPARE_S - delay)
+        wanted = max(self._lags) + self.SPARE_S - delay
+        return min(self.MAX_MARGIN_S, max(self.MIN_MARGIN_S, wanted))
 
     @property
     def state(self) -> str:
