@@ -80,20 +80,30 @@ def check_output(
 ) -> list[float]:
     """The recording carries the emitted offsets (within ``within``; by default 10 ms, and
     half an AAC frame more where the sink copies the source's frames: a copied frame sits up
-    to that far from its time); its audio is continuous; a pair out of tolerance was counted
-    off sync. ``zero_at``: about the daemon's time at the recording's first video frame.
-    Returns the recorded offsets."""
+    to that far from its time, and a pair where the delay changed up to a frame more, for
+    each change); its audio is continuous; a pair out of tolerance was counted off sync.
+    ``zero_at``: about the daemon's time at the recording's first video frame. Returns the
+    recorded offsets."""
+    copies = on_air.copies(sink)
     if within is None:
-        within = MATCH_S + (512 / sync_pattern.RATE if on_air.copies(sink) else 0.0)
+        within = MATCH_S + (512 / sync_pattern.RATE if copies else 0.0)
+    tracker = on_air.daemon.delay
+    cuts = (tracker.changes + 1, 1024 / sync_pattern.RATE) if copies else (0, 0.0)
     print(f"\n{what}: {reading.summary()}; audio {reading.audio_samples} samples over "
           f"{reading.audio_duration:.2f} s")  # fmt: skip
     emitted, dropped = on_air.pairs(sink), on_air.dropped(sink)
     offsets = check_carried(
-        reading.pairs, emitted, zero_at - reading.video_start, what, dropped=dropped, within=within
+        reading.pairs,
+        emitted,
+        zero_at - reading.video_start,
+        what,
+        dropped=dropped,
+        within=within,
+        cuts=cuts,
     )
     check_continuous(reading)
-    tracker = on_air.daemon.delay
-    print(f"{what}: the daemon counted {tracker.off_sync} of {tracker.frames} frames off sync")
+    print(f"{what}: the daemon counted {tracker.off_sync} of {tracker.frames} frames off sync, "
+          f"changed the delay {tracker.changes} times")  # fmt: skip
     if not all(map(in_tolerance, offsets)):
         assert tracker.off_sync > 0, f"{what}: out of tolerance, none counted off sync: {offsets}"
     return offsets
