@@ -575,30 +575,40 @@ def ndi_send_av(
     return {"flashes": flashes, "audio_frames": sent}
 
 
-def _find_ndi(ndi, finder, name: str, deadline: float):
-    """The NDI source called ``name`` (``MACHINE (name)``), or ``None`` by ``deadline``."""
+def _find_ndi(ndi, name: str, deadline: float):
+    """The NDI source called ``name`` (``MACHINE (name)``), or ``None`` by ``deadline``. A
+    unicast query reaches one NDI process of the host at random (they share port 5960), so
+    each round asks with a fresh finder (as the product's ``discover`` does)."""
+    settings = ndi.FindCreate()
+    settings.extra_ips = "127.0.0.1"
     while time.monotonic() < deadline:
-        ndi.find_wait_for_sources(finder, 500)
-        for source in ndi.find_get_current_sources(finder):
-            if source.ndi_name.endswith(f"({name})"):
-                return source
+        finder = ndi.find_create_v2(settings)
+        try:
+            ndi.find_wait_for_sources(finder, 1000)
+            for source in ndi.find_get_current_sources(finder):
+                if source.ndi_name.endswith(f"({name})"):
+                    found = ndi.Source()  # a copy that outlives the finder
+                    found.ndi_name, found.url_address = source.ndi_name, source.url_address
+                    return found
+        finally:
+            ndi.find_destroy(finder)
     return None
 
 
 def ndi_recv_av(name: str, *, seconds: float, idle: float) -> dict:
     """Receive an NDI source on ndi-python alone for up to ``seconds`` (until ``idle`` s
-    without frames once some came): every video frame's timecode, timestamp and whether it
-    is a flash; every audio frame's format and times, and the beep onsets as timecodes."""
+    without frames once some came): every video frame's timecode, timestamp, brightness and
+    whether it is a flash; every audio frame's format and times, and the beep onsets as
+    timecodes."""
     ndi = _ndi()
-    finder_settings = ndi.FindCreate()
-    finder_settings.extra_ips = "127.0.0.1"
-    finder = ndi.find_create_v2(finder_settings)
     deadline = time.monotonic() + seconds
     settings = ndi.RecvCreateV3()
     settings.color_format = ndi.RECV_COLOR_FORMAT_RGBX_RGBA
-    settings.source_to_connect_to = _find_ndi(ndi, finder, name, deadline)
-    if settings.source_to_connect_to is None:
+    source = _find_ndi(ndi, name, deadline)
+    if source is None:
         raise SystemExit(f"NDI source {name!r} not found within {seconds:g} s")
+    settings.source_to_connect_to = source
+    print(f"ndi-recv-av: {source.ndi_name} at {source.url_address}", file=sys.stderr, flush=True)
     receiver = ndi.recv_create_v3(settings)
     videos, audios = [], []
     finders: dict[int, BeepFinder] = {}
@@ -607,9 +617,9 @@ def ndi_recv_av(name: str, *, seconds: float, idle: float) -> dict:
     while time.monotonic() < deadline and (last is None or time.monotonic() - last < idle):
         kind, video, audio, _ = ndi.recv_capture_v3(receiver, 200, True, True, False)
         if kind == ndi.FRAME_TYPE_VIDEO:
-            flash = bool(video.data[:, :, :3].mean() > 200)
+            brightness = float(video.data[:, :, :3].mean())
             videos.append({"timecode": video.timecode, "timestamp": video.timestamp,
-                           "flash": flash})  # fmt: skip
+                           "brightness": brightness, "flash": brightness > 200})  # fmt: skip
             ndi.recv_free_video_v2(receiver, video)
             last = time.monotonic()
         elif kind == ndi.FRAME_TYPE_AUDIO:
@@ -626,7 +636,6 @@ def ndi_recv_av(name: str, *, seconds: float, idle: float) -> dict:
             ndi.recv_free_audio_v3(receiver, audio)
             last = time.monotonic()
     ndi.recv_destroy(receiver)
-    ndi.find_destroy(finder)
     return {"video": videos, "audio": audios, "onsets": onsets}
 
 

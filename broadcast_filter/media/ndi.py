@@ -17,9 +17,10 @@ sender's timecodes onto ``time.monotonic()`` with a
 submitted (audio sent in blocks then arrives stamped a little late).
 
 Discovery uses mDNS, or unicast when ``extra_ips`` (comma-separated) is given or the NDI
-config file in ``NDI_CONFIG_DIR`` lists ``"ips"``. The ndi-python calls release the GIL
-while they wait, so NDI runs in threads of the daemon (no extra process). NDI® is a
-registered trademark of Vizrt NDI AB.
+config file in ``NDI_CONFIG_DIR`` lists ``"ips"`` (asked again with fresh finders, since a
+unicast query reaches only one NDI process of a host: :func:`discover`). The ndi-python
+calls release the GIL while they wait, so NDI runs in threads of the daemon (no extra
+process). NDI® is a registered trademark of Vizrt NDI AB.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from types import ModuleType
 
@@ -166,8 +167,9 @@ def _defined(ticks: int) -> bool:
 
 class NdiSource(Source):
     """Receive an NDI source by name; ``frames()`` raises SourceLost after ``lost_after``
-    seconds without video, and picks the sender up again when called once more
-    (NDI reconnects by name by itself, ~5 s after a sender restarts).
+    seconds without video, and picks the sender up again when called once more: it looks
+    for the sender again (up to ``discovery_timeout``, else SourceLost once more) and
+    reconnects if it came back at another address.
 
     What it promises: every video frame the NDI receiver hands over is yielded, in order.
     A consumer slower than the sender makes the NDI runtime's receive queue drop frames;
@@ -192,6 +194,8 @@ class NdiSource(Source):
         self.fps: Fraction | None = None
         self._state = "not started"
         self._receiver = None
+        self._source = None  # what the receiver was pointed at
+        self._lost = False  # frames() raised SourceLost: find the sender again
         self._closed = threading.Event()
         self._index = 0
         self._dropped_before = 0  # by receivers already destroyed
@@ -249,37 +253,25 @@ class NdiSource(Source):
         self.audio_skipped += 1
 
     def _find(self):
-        ndi = ndi_lib()
         self._state = f"looking for NDI source {self.name!r}"
-        settings = ndi.FindCreate()
-        if self.extra_ips:
-            settings.extra_ips = self.extra_ips
-        finder = ndi.find_create_v2(settings)
-        try:
-            deadline = time.monotonic() + self.discovery_timeout
-            seen: list[str] = []
-            while not self._closed.is_set():
-                sources = ndi.find_get_current_sources(finder)
-                seen = [s.ndi_name for s in sources]
-                for source in sources:
-                    if _matches(source.ndi_name, self.name):
-                        return source
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                ndi.find_wait_for_sources(finder, int(min(left, 0.5) * 1000))
-            found = ", ".join(repr(s) for s in seen) or "none"
-            raise MediaError(
-                f"NDI source {self.name!r} not found within {self.discovery_timeout:g}s; "
-                f"sources seen: {found}. Check the sender is running and reachable; without "
-                "mDNS set extra_ips or an NDI config (NDI_CONFIG_DIR) listing its IP."
-            )
-        finally:
-            ndi.find_destroy(finder)
+        source, seen = discover(
+            self.discovery_timeout,
+            self.extra_ips,
+            wanted=lambda name: _matches(name, self.name),
+            closed=self._closed,
+        )
+        if source is not None:
+            return source
+        found = ", ".join(repr(s) for s in seen) or "none"
+        raise MediaError(
+            f"NDI source {self.name!r} not found within {self.discovery_timeout:g}s; "
+            f"sources seen: {found}. Check the sender is running and reachable; without "
+            "mDNS set extra_ips or an NDI config (NDI_CONFIG_DIR) listing its IP."
+        )
 
     def _connect(self) -> None:
         ndi = ndi_lib()
-        source = self._find()
+        source = self._source = self._find()
         settings = ndi.RecvCreateV3()
         settings.source_to_connect_to = source
         settings.color_format = ndi.RECV_COLOR_FORMAT_RGBX_RGBA
@@ -290,10 +282,28 @@ class NdiSource(Source):
             raise MediaError(f"could not create an NDI receiver for {self.name!r}")
         self._state = f"connecting to {source.ndi_name!r}"
 
+    def _reconnect(self) -> None:
+        """After a loss, find the sender again and point the receiver at it if it moved: a
+        sender that restarts may listen on another port, and the NDI receiver's own lookup
+        by name can miss it for good (see :data:`FINDER_EVERY_S`). Not found: SourceLost."""
+        try:
+            source = self._find()
+        except MediaError as exc:
+            self._state = "lost, waiting for sender"
+            raise SourceLost(f"NDI {self.name!r}: {self._state} ({exc})") from exc
+        if self._source is None or source.url_address != self._source.url_address:
+            log.info("NDI %r: sender found at %s, reconnecting", self.name, source.url_address)
+            ndi_lib().recv_connect(self._receiver, source)
+        self._source = source
+        self._state = f"connecting to {source.ndi_name!r}"
+
     def frames(self) -> Iterator[Frame]:
         ndi = ndi_lib()
         if self._receiver is None:
             self._connect()
+        elif self._lost:
+            self._reconnect()
+        self._lost = False
         live_since: float | None = None
         last_video = time.monotonic()
         self._times.reset()  # a lost sender may come back with other timecodes
@@ -321,6 +331,7 @@ class NdiSource(Source):
                     ndi.recv_free_audio_v3(self._receiver, audio)
             if live_since is not None and now - last_video > self.lost_after:
                 self._state = f"lost (no video for {self.lost_after:g}s), waiting for sender"
+                self._lost = True
                 raise SourceLost(f"NDI {self.name!r}: {self._state}")
 
     def close(self) -> None:
@@ -473,6 +484,65 @@ class NdiSink(Sink):
         ndi_lib().send_destroy(self._sender)
 
 
+#: a unicast query (``extra_ips``, the config's ``"ips"``) reaches only one NDI process of a
+#: host: every process with a sender listens on the host's port 5960 (SO_REUSEPORT) and the
+#: kernel hands each connection to one of them, which answers with its own sources only (so
+#: a finder in a process with a sender often sees just that). Discovery therefore starts a
+#: fresh finder (a new connection) this often, keeping the last FINDERS alive, and takes
+#: every source any of them sees.
+FINDER_EVERY_S = 0.5
+FINDERS = 4
+
+
+def discover(
+    timeout: float,
+    extra_ips: str | None = None,
+    *,
+    wanted: Callable[[str], bool] | None = None,
+    closed: threading.Event | None = None,
+) -> tuple[object | None, list[str]]:
+    """NDI discovery for ``timeout`` seconds (mDNS, or unicast to ``extra_ips`` / the NDI
+    config's IPs): the first source whose name is ``wanted`` (as soon as it is seen; ``None``
+    if none is, or without ``wanted``) and the sorted names of all sources seen."""
+    ndi = ndi_lib()
+    settings = ndi.FindCreate()
+    if extra_ips:
+        settings.extra_ips = extra_ips
+    finders: deque = deque()
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    next_finder = time.monotonic()
+    try:
+        while closed is None or not closed.is_set():
+            now = time.monotonic()
+            if now >= next_finder:
+                if len(finders) == FINDERS:
+                    ndi.find_destroy(finders.popleft())
+                finders.append(ndi.find_create_v2(settings))
+                next_finder = now + FINDER_EVERY_S
+            for finder in finders:
+                for source in ndi.find_get_current_sources(finder):
+                    seen.add(source.ndi_name)
+                    if wanted is not None and wanted(source.ndi_name):
+                        return _copy_source(ndi, source), sorted(seen)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            wait = min(left, max(next_finder - time.monotonic(), 0.01))
+            ndi.find_wait_for_sources(finders[-1], int(wait * 1000))
+    finally:
+        for finder in finders:
+            ndi.find_destroy(finder)
+    return None, sorted(seen)
+
+
+def _copy_source(ndi: ModuleType, source):
+    """A source description that outlives the finder it came from."""
+    copy = ndi.Source()
+    copy.ndi_name, copy.url_address = source.ndi_name, source.url_address or ""
+    return copy
+
+
 def list_ndi_sources(timeout: float = 1.5, extra_ips: str | None = None) -> list[Device]:
     """NDI sources found within ``timeout`` seconds, for the ``devices`` command. Without
     ndi-python, one unavailable entry that says how to install it. Discovery is mDNS, or
@@ -480,20 +550,10 @@ def list_ndi_sources(timeout: float = 1.5, extra_ips: str | None = None) -> list
     if not is_installed():
         return [Device("ndi", "ndi:NAME", "NDI", available=False, note=MISSING_MESSAGE)]
     try:
-        ndi = ndi_lib()
+        ndi_lib()
     except MediaError as exc:
         return [Device("ndi", "ndi:NAME", "NDI", available=False, note=str(exc))]
-    settings = ndi.FindCreate()
-    if extra_ips:
-        settings.extra_ips = extra_ips
-    finder = ndi.find_create_v2(settings)
-    try:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            ndi.find_wait_for_sources(finder, int(min(left, 0.5) * 1000))
-        names = sorted({s.ndi_name for s in ndi.find_get_current_sources(finder)})
-    finally:
-        ndi.find_destroy(finder)
+    _, names = discover(timeout, extra_ips)
     return [Device("ndi", f"ndi:{name}", name, note=_address(name)) for name in names]
 
 
