@@ -595,11 +595,15 @@ def _find_ndi(ndi, name: str, deadline: float):
     return None
 
 
+#: set by SIGINT in ``ndi-recv-av``: stop receiving and print what came
+_RECEIVED_ENOUGH = threading.Event()
+
+
 def ndi_recv_av(name: str, *, seconds: float, idle: float) -> dict:
     """Receive an NDI source on ndi-python alone for up to ``seconds`` (until ``idle`` s
-    without frames once some came): every video frame's timecode, timestamp, brightness and
-    whether it is a flash; every audio frame's format and times, and the beep onsets as
-    timecodes."""
+    without frames once some came, or SIGINT): every video frame's timecode, timestamp,
+    brightness and whether it is a flash; every audio frame's format and times, and the
+    beep onsets as timecodes."""
     ndi = _ndi()
     deadline = time.monotonic() + seconds
     settings = ndi.RecvCreateV3()
@@ -615,6 +619,8 @@ def ndi_recv_av(name: str, *, seconds: float, idle: float) -> dict:
     onsets: list[int] = []
     last = None
     while time.monotonic() < deadline and (last is None or time.monotonic() - last < idle):
+        if _RECEIVED_ENOUGH.is_set():
+            break
         kind, video, audio, _ = ndi.recv_capture_v3(receiver, 200, True, True, False)
         if kind == ndi.FRAME_TYPE_VIDEO:
             brightness = float(video.data[:, :, :3].mean())
@@ -635,8 +641,10 @@ def ndi_recv_av(name: str, *, seconds: float, idle: float) -> dict:
                 onsets += [round(t * 10_000_000) for t in beeps.onsets[before:]]
             ndi.recv_free_audio_v3(receiver, audio)
             last = time.monotonic()
+    result = {"video": videos, "audio": audios, "onsets": onsets}
+    print(json.dumps(result), flush=True)  # before the destroy, which may wait on the network
     ndi.recv_destroy(receiver)
-    return {"video": videos, "audio": audios, "onsets": onsets}
+    return result
 
 
 def main() -> None:
@@ -688,11 +696,9 @@ def main() -> None:
                            rate=args.rate, channels=args.channels, block=args.block,
                            odd=args.odd, go=args.go)  # fmt: skip
         print(json.dumps(sent), flush=True)
-    elif args.command == "ndi-recv-av":
-        print(
-            json.dumps(ndi_recv_av(args.name, seconds=args.seconds, idle=args.idle)),
-            flush=True,
-        )
+    elif args.command == "ndi-recv-av":  # prints its JSON itself
+        signal.signal(signal.SIGINT, lambda *_: _RECEIVED_ENOUGH.set())
+        ndi_recv_av(args.name, seconds=args.seconds, idle=args.idle)
     elif args.command == "publish":
         publish(args.url, args.format, frames=args.frames, fps=args.fps, size=size,
                 start=args.start, via=args.via)  # fmt: skip
