@@ -343,10 +343,10 @@ def test_ndi_sink_audio_option(ndi_config):
 @pytest.mark.peers
 @pytest.mark.skipif(
     os.environ.get("BF_NDI_E2E") != "1",
-    reason="on demand (BF_NDI_E2E=1): it passes on its own (the NDI file 13 of 13, three runs; "
-    "7 of 7 quiet and loaded), but within the full suite NDI discovery on one host still "
-    "failed it 2 of 3 runs (the daemon's source found no sender in 30 s once; the receiver "
-    "was kept waiting once)",
+    reason="on demand (BF_NDI_E2E=1): it passes on its own (the whole NDI file twice, 7 of 7 "
+    "quiet and loaded), but within the full suite NDI discovery on one host failed it in both "
+    "runs it was part of (the daemon's source found no sender in 30 s once; the receiver was "
+    "kept waiting once)",
 )
 def test_daemon_ndi_in_to_ndi_out_keeps_audio_with_video(ndi_config, tmp_path, model_cache):
     """The whole daemon: an NDI sender process (flashes and beeps, audio in 100 ms blocks)
