@@ -43,12 +43,12 @@ from broadcast_filter.runtime.telemetry import StatusLine, Telemetry
 
 def sink_options(settings: SinkSettings, audio: tuple[int, int] | None) -> dict[str, object]:
     """A sink's options: when the source may carry audio (``audio``: the format it opens
-    in, ``(rate, channels)``), sinks that can carry it get an audio track that copies the
-    source's AAC where it fits (``audio: copy``, encoding where not) unless their options
-    say ``audio: aac`` or ``off``; otherwise none gets one."""
+    in, ``(rate, channels)``), sinks that can carry it get an AAC track unless their options
+    say ``audio: copy`` (the source's own AAC where it fits) or ``off``; otherwise none
+    gets one."""
     if audio is None:
         return {**settings.options, "audio": "off"}
-    return {"audio": "copy", **settings.options, "audio_format": audio}
+    return {"audio": "aac", **settings.options, "audio_format": audio}
 
 
 def audio_format(source: Source) -> tuple[int, int] | None:
