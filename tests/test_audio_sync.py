@@ -146,6 +146,9 @@ def test_rtmp_in_styled_then_passthrough_in_sync_on_udp_nginx_and_mp4(tmp_path):
             nginx_rec = record(nginx.url("out"), tmp_path / "nginx.ts", seconds - 2)
             recorders["nginx"] = (time.monotonic(), nginx_rec)
             time.sleep(seconds / 2 - 1)  # half styled ...
+            # on a loaded CPU the model may not be on air yet: the styled delay (a model call
+            # and more, > 100 ms on this CPU) must be there before the switch can lower it
+            wait_for("the styled delay", lambda: (daemon.delay.delay or 0) > 0.1, 30)
             styled_delay, changes = daemon.delay.delay, daemon.delay.changes
             # switch between flashes: they come at multiples of PERIOD on the publisher's clock
             daemon.controller.apply_preset("passthrough")
