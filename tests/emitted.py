@@ -94,17 +94,19 @@ def match(
 ) -> list[tuple[float, float]]:
     """(recorded offset, emitted offset) for each recorded pair: the recording's flashes
     are a run of the emitted ones, found by their spacing (a loaded machine makes it
-    uneven); among runs that fit as well (an even spacing), the one nearest to where the
-    recording started (``zero_at``: about the daemon's time at the recording's time 0)."""
+    uneven; the fit is the median distance from the median lag, so one flash shown a frame
+    late does not shift the rest); among runs that fit as well (an even spacing), the one
+    nearest to where the recording started (``zero_at``: about the daemon's time at the
+    recording's time 0)."""
     rec = [f for f, _ in recorded]
     sent = [t for t, _ in emitted]
     n = len(rec)
     assert 0 < n <= len(sent), f"{n} flashes recorded, {len(sent)} sent"
     fits = []
     for s in range(len(sent) - n + 1):
-        misfit = statistics.median(
-            abs((rec[i] - rec[0]) - (sent[s + i] - sent[s])) for i in range(n)
-        )
+        lags = [rec[i] - sent[s + i] for i in range(n)]
+        lag = statistics.median(lags)
+        misfit = statistics.median(abs(x - lag) for x in lags)
         fits.append((misfit, abs(sent[s] - (zero_at + rec[0])), s))
     best = min(misfit for misfit, _, _ in fits)
     _, _, shift = min(fit for fit in fits if fit[0] <= best + 0.005)
