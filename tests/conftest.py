@@ -8,6 +8,7 @@ tests/test_dtype_auto.py). End-to-end tests (daemon, CLI) keep ``auto``, the shi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -28,6 +29,22 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ndi_loopback_config(tmp_path_factory: pytest.TempPathFactory):
+    """One NDI config for the whole session, set before any test runs: NDI reads it once per
+    process, when its runtime starts, which is whichever test touches NDI first (``devices``
+    lists NDI sources too), and the peers inherit it. Discovery is unicast to 127.0.0.1,
+    multicast off: mDNS cannot run on loopback here."""
+    folder = tmp_path_factory.mktemp("ndi-config")
+    off = {"enable": False}
+    config = {"ndi": {"networks": {"ips": "127.0.0.1", "discovery": ""},
+                      "multicast": {"send": off, "recv": off}}}  # fmt: skip
+    (folder / "ndi-config.v1.json").write_text(json.dumps(config))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NDI_CONFIG_DIR", str(folder))
+        yield
 
 
 @pytest.fixture(scope="session")

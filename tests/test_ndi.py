@@ -1,10 +1,10 @@
-"""NDI sink and source in separate processes over loopback (unicast discovery via a config)."""
+"""NDI sink and source in separate processes over loopback (unicast discovery via the
+session's NDI config: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import signal
 import subprocess
@@ -29,17 +29,6 @@ from broadcast_filter.media.ndi import TICKS_PER_S, UNDEFINED, NdiSink, NdiSourc
 PEERS = str(Path(__file__).with_name("peers.py"))
 
 
-@pytest.fixture
-def ndi_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """NDI_CONFIG_DIR listing 127.0.0.1, since mDNS cannot run on loopback here."""
-    off = {"enable": False}
-    config = {"ndi": {"networks": {"ips": "127.0.0.1", "discovery": ""},
-                      "multicast": {"send": off, "recv": off}}}  # fmt: skip
-    (tmp_path / "ndi-config.v1.json").write_text(json.dumps(config))
-    monkeypatch.setenv("NDI_CONFIG_DIR", str(tmp_path))
-    return dict(os.environ)
-
-
 def test_ndi_kinds_are_registered():
     assert SOURCES["ndi"] is NdiSource and SINKS["ndi"] is NdiSink
 
@@ -58,14 +47,14 @@ def sources_seen_include(name: str, timeout: float = 60.0) -> str:
 
 @pytest.mark.slow
 @pytest.mark.peers
-def test_ndi_sender_process_to_receiver_full_resolution_and_rate(ndi_config):
+def test_ndi_sender_process_to_receiver_full_resolution_and_rate():
     """From the first frame received to the last (the newest is never dropped), every frame
     arrives in order or is counted as dropped: by the sender's NdiSink (newest frame wins)
     or by the NDI receive queue (``NdiSource.dropped``). The rate comes from the metadata."""
     name = f"bf-test-{uuid.uuid4().hex[:6]}"
     argv = [sys.executable, PEERS, "ndi-send", "--name", name, "--frames", "210",
             "--size", "1280x720", "--fps", "30"]  # fmt: skip
-    sender = peers.spawn(argv, env=ndi_config, stdout=subprocess.PIPE, text=True)
+    sender = peers.spawn(argv, stdout=subprocess.PIPE, text=True)
     try:
         assert re.search(rf"sources seen: .*\({name}\)", sources_seen_include(name))
         source = NdiSource(f"ndi:{name}", discovery_timeout=10.0, extra_ips="127.0.0.1")
@@ -97,7 +86,7 @@ def test_ndi_sender_process_to_receiver_full_resolution_and_rate(ndi_config):
 
 @pytest.mark.slow
 @pytest.mark.peers
-def test_ndi_source_picks_up_a_sender_that_comes_back(ndi_config):
+def test_ndi_source_picks_up_a_sender_that_comes_back():
     """A sender process ends (SourceLost) and a new one of the same name starts: frames()
     called again finds it (wherever it listens now) and receives it. The receiving process
     has an NDI sender of its own, as the daemon has its output: its unicast discovery
@@ -109,7 +98,7 @@ def test_ndi_source_picks_up_a_sender_that_comes_back(ndi_config):
     addresses, counts = [], []
     try:
         for _ in range(2):
-            sender = peers.spawn(argv, env=ndi_config, stdout=subprocess.DEVNULL)
+            sender = peers.spawn(argv, stdout=subprocess.DEVNULL)
             count = 0
             with pytest.raises(SourceLost, match="waiting for sender"):
                 for _frame in source.frames():
@@ -132,18 +121,18 @@ def test_ndi_source_needs_a_name():
 
 @pytest.mark.slow
 @pytest.mark.peers
-def test_devices_lists_a_running_ndi_sender(ndi_config):
+def test_devices_lists_a_running_ndi_sender():
     """``devices`` runs as its own process: the NDI runtime reads NDI_CONFIG_DIR once per
     process, and earlier tests in this one already initialised it with another folder."""
     name = f"bf-devices-{uuid.uuid4().hex[:6]}"
     argv = [sys.executable, PEERS, "ndi-send", "--name", name, "--frames", "300",
             "--size", "64x64", "--fps", "30"]  # fmt: skip
-    sender = peers.spawn(argv, env=ndi_config, stdout=subprocess.DEVNULL)
+    sender = peers.spawn(argv, stdout=subprocess.DEVNULL)
     devices = [sys.executable, "-m", "broadcast_filter.cli", "devices"]
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the sender process needs a while to announce
-            done = subprocess.run(devices, env=ndi_config, capture_output=True, text=True)
+            done = subprocess.run(devices, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
             out = done.stdout
             if f"({name})" in out:
@@ -186,7 +175,7 @@ def _offsets(flashes: list[float], onsets: list[float]) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.peers
 @pytest.mark.parametrize(("rate", "channels"), [(48000, 2), (44100, 1)])
-def test_ndi_source_stamps_audio_on_the_video_clock(ndi_config, rate, channels):
+def test_ndi_source_stamps_audio_on_the_video_clock(rate, channels):
     """A capture-app-like sender (ndi-python alone) sends white flashes and a 1 kHz beep
     starting at each flash's instant, the audio in 100 ms blocks sent after their video
     (so arrival times would put the beep up to 100 ms late). The source's chunks carry the
@@ -195,7 +184,7 @@ def test_ndi_source_stamps_audio_on_the_video_clock(ndi_config, rate, channels):
     name = f"bf-av-{uuid.uuid4().hex[:6]}"
     argv = [sys.executable, PEERS, "ndi-send-av", "--name", name, "--frames", "150",
             "--rate", str(rate), "--channels", str(channels), "--block", "3"]  # fmt: skip
-    sender = peers.spawn(argv, env=ndi_config, stdout=subprocess.PIPE, text=True)
+    sender = peers.spawn(argv, stdout=subprocess.PIPE, text=True)
     try:
         source, frames, chunks = _capture_av(name)
         out, _ = sender.communicate(timeout=30)
@@ -223,13 +212,13 @@ def test_ndi_source_stamps_audio_on_the_video_clock(ndi_config, rate, channels):
 
 @pytest.mark.slow
 @pytest.mark.peers
-def test_ndi_source_skips_odd_audio_frames_and_video_goes_on(ndi_config):
+def test_ndi_source_skips_odd_audio_frames_and_video_goes_on():
     """After every audio block the sender adds a 16-channel frame and one without samples:
     every video frame still arrives, the good audio still does, and the odd frames are
     counted and named in audio_state."""
     name = f"bf-odd-{uuid.uuid4().hex[:6]}"
     argv = [sys.executable, PEERS, "ndi-send-av", "--name", name, "--frames", "90", "--odd"]
-    sender = peers.spawn(argv, env=ndi_config, stdout=subprocess.PIPE, text=True)
+    sender = peers.spawn(argv, stdout=subprocess.PIPE, text=True)
     try:
         source, frames, chunks = _capture_av(name)
         out, _ = sender.communicate(timeout=30)
@@ -245,14 +234,14 @@ def test_ndi_source_skips_odd_audio_frames_and_video_goes_on(ndi_config):
 
 @pytest.mark.slow
 @pytest.mark.peers
-def test_ndi_sink_sends_audio_with_timecodes_matching_its_video(ndi_config):
+def test_ndi_sink_sends_audio_with_timecodes_matching_its_video():
     """NdiSink with audio, fed like the daemon feeds it: frames on air at their send time,
     the audio of each 100 ms given 0.1 s after it went on air (the audio line's margin),
     with ``at`` = its on-air time. A receiver process (ndi-python alone) gets 48 kHz stereo
     audio frames, and each beep's timecode is within 40 ms of its flash frame's."""
     name = f"bf-sink-av-{uuid.uuid4().hex[:6]}"
     argv = [sys.executable, PEERS, "ndi-recv-av", "--name", name, "--seconds", "60"]
-    receiver = peers.spawn(argv, env=ndi_config, stdout=subprocess.PIPE, text=True)
+    receiver = peers.spawn(argv, stdout=subprocess.PIPE, text=True)
     fps, block, late = 30.0, 3, 0.1
     try:
         with NdiSink(f"ndi:{name}", width=128, height=72, fps=fps, audio="aac") as sink:
@@ -330,7 +319,7 @@ def test_ndi_times_fall_back_when_audio_timecodes_are_on_another_basis():
     assert times.basis == "send timestamp"
 
 
-def test_ndi_sink_audio_option(ndi_config):
+def test_ndi_sink_audio_option():
     with NdiSink(f"ndi:bf-opt-{uuid.uuid4().hex[:6]}", width=32, height=16, fps=30,
                  audio="off") as sink:  # fmt: skip
         assert not sink.audio
@@ -341,14 +330,7 @@ def test_ndi_sink_audio_option(ndi_config):
 
 @pytest.mark.slow
 @pytest.mark.peers
-@pytest.mark.skipif(
-    os.environ.get("BF_NDI_E2E") != "1",
-    reason="on demand (BF_NDI_E2E=1): it passes on its own (the whole NDI file twice, 7 of 7 "
-    "quiet and loaded), but within the full suite NDI discovery on one host failed it in both "
-    "runs it was part of (the daemon's source found no sender in 30 s once; the receiver was "
-    "kept waiting once)",
-)
-def test_daemon_ndi_in_to_ndi_out_keeps_audio_with_video(ndi_config, tmp_path, model_cache):
+def test_daemon_ndi_in_to_ndi_out_keeps_audio_with_video(tmp_path, model_cache):
     """The whole daemon: an NDI sender process (flashes and beeps, audio in 100 ms blocks)
     -> NDI source -> passthrough preset -> NDI sink -> an NDI receiver process.
 
@@ -369,7 +351,7 @@ def test_daemon_ndi_in_to_ndi_out_keeps_audio_with_video(ndi_config, tmp_path, m
     send_argv = [sys.executable, PEERS, "ndi-send-av", "--name", src, "--frames", "300",
                  "--go", str(go)]  # fmt: skip
     # the sender is announced first; it sends once the daemon's output has its receiver
-    sender = peers.spawn(send_argv, env=ndi_config, stdout=subprocess.PIPE, text=True)
+    sender = peers.spawn(send_argv, stdout=subprocess.PIPE, text=True)
     try:
         assert f"({src})" in sources_seen_include(src)
         with running(config) as (daemon, _, _lines):
@@ -377,7 +359,7 @@ def test_daemon_ndi_in_to_ndi_out_keeps_audio_with_video(ndi_config, tmp_path, m
             (name,) = on_air.video
             sink = daemon.sinks.sinks[name]
             assert sink.audio
-            receiver = peers.spawn(recv_argv, env=ndi_config, stdout=subprocess.PIPE, text=True)
+            receiver = peers.spawn(recv_argv, stdout=subprocess.PIPE, text=True)
             wait_for("a receiver on the daemon's output", lambda: "1 receiver" in sink.state, 60)
             go.touch()
             sent = json.loads(sender.communicate(timeout=120)[0].splitlines()[-1])
