@@ -241,6 +241,35 @@ def test_mpegts_sources_pass_audio_in_sync(tmp_path, model_cache, transport):
     check_passthrough(reading, on_air, on_air.sink(out), started, transport, min_pairs=4)
 
 
+def test_rtmp_pull_in_srt_out_pass_audio_in_sync(tmp_path, model_cache):
+    """RTMP pulled from nginx-rtmp (the publisher pushes there, as OBS to a relay) in; SRT out
+    (the sink listens, the recorder calls: it reads the stream live from the handshake)."""
+    require_tool("srt-live-transmit")
+    if missing := peers.nginx_missing():
+        pytest.skip(missing)
+    out_port = peers.free_port(socket.SOCK_DGRAM)
+    seconds = 13.0
+    with peers.Nginx() as nginx:
+        publisher = publish(nginx.url("in"), "flv", seconds + 30)
+        sink = f"srt://:{out_port}?mode=listener&latency=120"
+        config = passthrough_config(tmp_path, nginx.url("in"), [sink], model_cache)
+        with running(config) as (daemon, _, _lines):
+            on_air = OnAir(daemon)
+            wait_for("audio through the daemon", lambda: daemon.audio.received > 0, 30)
+            wait_for("the SRT bridge to listen", lambda: peers.udp_bound(out_port), 30)
+            started = time.monotonic()
+            # ffmpeg's srt latency is in microseconds
+            caller = f"srt://127.0.0.1:{out_port}?mode=caller&latency=120000"
+            recorder = record(caller, tmp_path / "o.ts", seconds)
+            assert recorder.wait(seconds + 30) == 0, recorder.stderr.read()
+            peers.stop(publisher)
+            print("status:", daemon.status_text(time.monotonic()))
+            assert "aac 48k stereo" in daemon.stats()["fields"]["audio"]
+    reading = sync_pattern.measure(str(tmp_path / "o.ts"))
+    name = on_air.sink(f":{out_port}")
+    check_passthrough(reading, on_air, name, started, "rtmp pull -> srt", min_pairs=4)
+
+
 def test_publisher_drop_and_return_silence_then_sync(tmp_path, model_cache):
     """The RTMP publisher leaves for ~4 s and comes back: the output's audio goes on as
     silence (no beep, the track continuous) and is in sync again after the return."""
