@@ -51,14 +51,16 @@ def publish_argv(
     rate: int = RATE,
     channels: int = 2,
     realtime: bool = True,
+    audio_codec: str = "aac",
 ) -> list[str]:
-    """The ffmpeg command that publishes the pattern (H.264 + AAC in ``rate`` Hz,
-    ``channels`` channels) to ``url`` as ``fmt`` (or writes it to a file, not in real time)."""
+    """The ffmpeg command that publishes the pattern (H.264 + ``audio_codec``, AAC by
+    default, in ``rate`` Hz, ``channels`` channels) to ``url`` as ``fmt`` (or writes it to a
+    file, not in real time)."""
     gop = str(max(1, round(fps)))
     inputs = lavfi_inputs(size, fps, seconds, realtime=realtime)
     return ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *inputs,
             "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", gop,
-            "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-ar", str(rate),
+            "-pix_fmt", "yuv420p", "-c:a", audio_codec, "-b:a", "128k", "-ar", str(rate),
             "-ac", str(channels), "-f", fmt, url]  # fmt: skip
 
 

@@ -524,3 +524,44 @@ def test_audio_copy_from_a_file_into_an_mp4(tmp_path, model_cache):
         reading, on_air, sink, on_air.first_sent(sink), "file copy", within=MATCH_S + 512 / 44100
     )
     report(offsets, "copy file -> mp4")
+
+
+@pytest.mark.parametrize(
+    ("codec", "rate", "channels"),
+    [("libopus", 48000, 2), ("libmp3lame", 44100, 1)],
+    ids=["opus", "mp3"],
+)
+def test_audio_copy_encodes_a_source_that_is_not_aac(tmp_path, model_cache, codec, rate, channels):
+    """``audio: copy`` with a source whose sound is not AAC (Opus, MP3, in an MKV file): the
+    sink encodes AAC in the source's format instead, placed as encoded audio always is (each
+    pair as the daemon emitted it, at the encoded path's precision)."""
+    clip = tmp_path / "source.mkv"
+    argv = sync_pattern.publish_argv(
+        str(clip),
+        "matroska",
+        SIZE,
+        FPS,
+        10,
+        rate=rate,
+        channels=channels,
+        realtime=False,
+        audio_codec=codec,
+    )
+    subprocess.run(argv, check=True, timeout=120)
+    out = tmp_path / "out.mp4"
+    sinks = [{"url": str(out), "options": {"audio": "copy"}}]
+    config = passthrough_config(tmp_path, str(clip), sinks, model_cache)
+    with running(config) as (daemon, _, _lines):
+        on_air = OnAir(daemon)
+        wait_for("the file played", lambda: daemon.audio.received >= 8 * rate, 60)
+        time.sleep(0.5)
+    import av
+
+    with av.open(str(out)) as container:
+        audio = container.streams.audio[0].codec_context
+        assert (audio.name, audio.sample_rate, audio.layout.nb_channels) == ("aac", rate, channels)
+    reading = sync_pattern.measure(str(out))
+    assert len(reading.pairs) >= 3, reading.pairs
+    sink = on_air.sink("out.mp4")
+    offsets = check_output(reading, on_air, sink, on_air.first_sent(sink), codec, within=MATCH_S)
+    report(offsets, f"{codec} file, copy -> mp4")
