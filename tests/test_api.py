@@ -107,11 +107,18 @@ def live(model_cache: str, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def api(live: Any) -> Api:
     _, api, _ = live
+    # a switch the previous test asked for goes on air first: taken at a frame boundary, it
+    # could otherwise show after "warm" was seen (a status of the old preset in between)
+    wait_for("the last preset asked for on air", lambda: on_air_as_asked(api.status()), 20)
     # every test starts from the same state: preset warm, bypass off, its file's params
     api.call("POST", "/api/bypass", {"on": False})
     api.call("POST", "/api/preset", {"name": "warm"})  # the file's version: params reset
     wait_for("preset warm", lambda: api.status()["preset"] == "warm", 20)
     return api
+
+
+def on_air_as_asked(status: dict[str, Any]) -> bool:
+    return status["preset"] == status["requested"]
 
 
 def wanted(daemon: Any) -> tuple[str, bool, dict[str, Any]]:
