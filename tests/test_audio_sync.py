@@ -492,6 +492,26 @@ def test_audio_copy_carries_the_sources_own_aac_frames_in_its_format(
     report(offsets, f"copy {transport} -> {out}")
 
 
+def copy_file_into_mp4(
+    tmp_path: Path, model_cache: str, clip: Path, rate: int, channels: int
+) -> tuple[OnAir, Path]:
+    """Play the file ``clip`` through the daemon into an MP4 whose sink has ``audio: copy``;
+    check the recording's audio is AAC in the file's ``rate`` and ``channels``."""
+    out = tmp_path / "out.mp4"
+    sinks = [{"url": str(out), "options": {"audio": "copy"}}]
+    config = passthrough_config(tmp_path, str(clip), sinks, model_cache)
+    with running(config) as (daemon, _, _lines):
+        on_air = OnAir(daemon)
+        wait_for("the file played", lambda: daemon.audio.received >= 8 * rate, 60)
+        time.sleep(0.5)
+    import av
+
+    with av.open(str(out)) as container:
+        audio = container.streams.audio[0].codec_context
+        assert (audio.name, audio.sample_rate, audio.layout.nb_channels) == ("aac", rate, channels)
+    return on_air, out
+
+
 def test_audio_copy_from_a_file_into_an_mp4(tmp_path, model_cache):
     """A file source's AAC (44.1 kHz mono, in MP4) copied into an MP4 recording: the file's
     format is known when the daemon opens, so the recording is made in it from the start
@@ -501,18 +521,7 @@ def test_audio_copy_from_a_file_into_an_mp4(tmp_path, model_cache):
         str(clip), "mp4", SIZE, FPS, 10, rate=44100, channels=1, realtime=False
     )
     subprocess.run(argv, check=True, timeout=120)
-    out = tmp_path / "out.mp4"
-    sinks = [{"url": str(out), "options": {"audio": "copy"}}]
-    config = passthrough_config(tmp_path, str(clip), sinks, model_cache)
-    with running(config) as (daemon, _, _lines):
-        on_air = OnAir(daemon)
-        wait_for("the file played", lambda: daemon.audio.received >= 8 * 44100, 60)
-        time.sleep(0.5)
-    import av
-
-    with av.open(str(out)) as container:
-        codec = container.streams.audio[0].codec_context
-        assert (codec.name, codec.sample_rate, codec.layout.nb_channels) == ("aac", 44100, 1)
+    on_air, out = copy_file_into_mp4(tmp_path, model_cache, clip, 44100, 1)
     sent, got = set(aac_frames(clip)), aac_frames(out)
     copied = sum(frame in sent for frame in got)
     print(f"{copied} of {len(got)} recorded frames are the file's own")
@@ -537,29 +546,11 @@ def test_audio_copy_encodes_a_source_that_is_not_aac(tmp_path, model_cache, code
     pair as the daemon emitted it, at the encoded path's precision)."""
     clip = tmp_path / "source.mkv"
     argv = sync_pattern.publish_argv(
-        str(clip),
-        "matroska",
-        SIZE,
-        FPS,
-        10,
-        rate=rate,
-        channels=channels,
-        realtime=False,
+        str(clip), "matroska", SIZE, FPS, 10, rate=rate, channels=channels, realtime=False,
         audio_codec=codec,
-    )
+    )  # fmt: skip
     subprocess.run(argv, check=True, timeout=120)
-    out = tmp_path / "out.mp4"
-    sinks = [{"url": str(out), "options": {"audio": "copy"}}]
-    config = passthrough_config(tmp_path, str(clip), sinks, model_cache)
-    with running(config) as (daemon, _, _lines):
-        on_air = OnAir(daemon)
-        wait_for("the file played", lambda: daemon.audio.received >= 8 * rate, 60)
-        time.sleep(0.5)
-    import av
-
-    with av.open(str(out)) as container:
-        audio = container.streams.audio[0].codec_context
-        assert (audio.name, audio.sample_rate, audio.layout.nb_channels) == ("aac", rate, channels)
+    on_air, out = copy_file_into_mp4(tmp_path, model_cache, clip, rate, channels)
     reading = sync_pattern.measure(str(out))
     assert len(reading.pairs) >= 3, reading.pairs
     sink = on_air.sink("out.mp4")
