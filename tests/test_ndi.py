@@ -122,8 +122,7 @@ def test_ndi_source_needs_a_name():
 @pytest.mark.slow
 @pytest.mark.peers
 def test_devices_lists_a_running_ndi_sender():
-    """``devices`` runs as its own process: the NDI runtime reads NDI_CONFIG_DIR once per
-    process, and earlier tests in this one already initialised it with another folder."""
+    """``devices`` as a user runs it: a process of its own."""
     name = f"bf-devices-{uuid.uuid4().hex[:6]}"
     argv = [sys.executable, PEERS, "ndi-send", "--name", name, "--frames", "300",
             "--size", "64x64", "--fps", "30"]  # fmt: skip
