@@ -25,6 +25,9 @@ import sync_pattern
 #: a recording's offset may differ from the emitted one by this much: onsets found in
 #: AAC-coded audio (a coding delay of a few ms either way) and timestamps rounded to ms (FLV)
 MATCH_S = 0.010
+#: a recorded flash is where the daemon sent it, give or take this (the recording's clock
+#: against the daemon's, timestamps rounded to ms)
+FIT_S = 0.005
 
 
 class OnAir:
@@ -94,10 +97,11 @@ def match(
 ) -> list[tuple[float, float]]:
     """(recorded offset, emitted offset) for each recorded pair: the recording's flashes
     are a run of the emitted ones, found by their spacing (a loaded machine makes it
-    uneven; the fit is the median distance from the median lag, so one flash shown a frame
-    late does not shift the rest); among runs that fit as well (an even spacing), the one
-    nearest to where the recording started (``zero_at``: about the daemon's time at the
-    recording's time 0)."""
+    uneven). A run's misfit is how many of its flashes stray more than ``FIT_S`` from the
+    run's median lag, so one flash shown a frame late does not shift the rest, and a run
+    shifted by a flash (its spacing off by frames here and there) fits worse than the true
+    one. Among runs that fit as well (an even spacing), the one nearest to where the
+    recording started (``zero_at``: about the daemon's time at the recording's time 0)."""
     rec = [f for f, _ in recorded]
     sent = [t for t, _ in emitted]
     n = len(rec)
@@ -106,11 +110,10 @@ def match(
     for s in range(len(sent) - n + 1):
         lags = [rec[i] - sent[s + i] for i in range(n)]
         lag = statistics.median(lags)
-        misfit = statistics.median(abs(x - lag) for x in lags)
-        fits.append((misfit, abs(sent[s] - (zero_at + rec[0])), s))
-    best = min(misfit for misfit, _, _ in fits)
-    _, _, shift = min(fit for fit in fits if fit[0] <= best + 0.005)
-    assert best <= 0.005, f"the recorded flashes are no run of the sent ones: {rec} vs {sent}"
+        strays = sum(abs(x - lag) > FIT_S for x in lags)
+        fits.append((strays, abs(sent[s] - (zero_at + rec[0])), s))
+    strays, _, shift = min(fits)
+    assert 2 * strays < n, f"the recorded flashes are no run of the sent ones: {rec} vs {sent}"
     return [(m, emitted[shift + i][1]) for i, (_, m) in enumerate(recorded)]
 
 
