@@ -81,7 +81,7 @@ class RecordingSink(Sink):
         self.found: list[Any] = []
         RecordingSink.last = self
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         found = self.reader(image)
         with self.lock:
             self.times.append(time.monotonic())

@@ -3,8 +3,8 @@
 How far a flash and its beep leave apart depends on the machine: on a loaded 2-core CPU a
 frame may wait a model call longer than the lasting delay the audio is held by. What the
 design guarantees whatever the speed is that every output carries the offsets the daemon
-emitted: the video stamped with its send time, the audio with its on-air time, on one
-clock. So the tests log, inside the running daemon, when each sink was handed each picture
+emitted: the video and the audio each stamped with its on-air time, on one clock. So the
+tests log, inside the running daemon, the on-air time each sink was given each picture with
 (its brightness) and when each audio chunk goes on air (its samples), find the flash/beep
 pairs in that log as :mod:`sync_pattern` finds them in a recording, and compare the two.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import statistics
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -59,11 +58,10 @@ class OnAir:
         group.send_audio = logged_audio
 
     def _spy(self, send: Any, log: list[tuple[float, float]]) -> Any:
-        def logged(image: np.ndarray) -> None:
-            at = time.monotonic()  # what the sink stamps the picture with (its send time)
-            with self._lock:
+        def logged(image: np.ndarray, at: float) -> None:
+            with self._lock:  # ``at``: what the sink stamps the picture with
                 log.append((at, float(image.mean())))
-            send(image)
+            send(image, at)
 
         return logged
 

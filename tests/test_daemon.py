@@ -58,7 +58,7 @@ class RecordingSink(Sink):
         self.times: list[float] = []
         self.fail_after, self.closed = fail_after, 0
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         if self.fail_after is not None and len(self.times) >= self.fail_after:
             raise OSError("device unplugged")
         assert image.shape == (SIZE, SIZE, 3)

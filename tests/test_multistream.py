@@ -158,11 +158,11 @@ class TaggedSink(RecordingSink):
         self.sent = 0
         TaggedSink.by_tag.setdefault(tag, []).append(self)
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         self.sent += 1
         if self.sent == self.fail_at:
             raise OSError(28, "No space left on device")
-        super().send(image)
+        super().send(image, at)
         self.last_image = image
 
 

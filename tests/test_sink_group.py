@@ -16,13 +16,15 @@ class Counting(Sink):
     def __init__(self, fail: bool = False, state: str | None = None) -> None:
         super().__init__(width=8, height=8, fps=10)
         self.sent, self.fail, self.closed = 0, fail, 0
+        self.stamps: list[float | None] = []
         if state is not None:
             self.state = state
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         if self.fail:
             raise OSError("unplugged")
         self.sent += 1
+        self.stamps.append(at)
 
     def close(self) -> None:
         self.closed += 1
@@ -60,6 +62,15 @@ def test_a_failing_sink_is_closed_the_others_keep_going_and_it_is_reopened_with_
     assert tries == [1.0, 3.0] and group.failed == {} and "re-opened after 2 attempt(s)" in logs[-1]
     group.send(image, 3.1)
     assert again.sent == 1 and good.sent == 2
+
+
+def test_every_sink_stamps_a_picture_with_the_one_time_it_goes_on_air():
+    first, second = Counting(), Counting()
+    group = SinkGroup([("a", first), ("b", second)], SafetySettings(), print)
+    image = np.zeros((8, 8, 3), np.uint8)
+    group.send(image, 12.5)
+    group.send(image, 12.6)
+    assert first.stamps == second.stamps == [12.5, 12.6]
 
 
 def test_network_sinks_show_their_state_and_drops_on_the_status_line():

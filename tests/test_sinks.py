@@ -73,6 +73,19 @@ def test_file_timestamps_follow_the_frame_count(tmp_path, fps, rate):
     assert [t for t, _ in frames] == pytest.approx([i / rate for i in range(12)], abs=1e-3)
 
 
+def test_file_with_audio_stamps_each_frame_with_the_time_it_goes_on_air(tmp_path):
+    """With audio, pts follow the on-air time the daemon gives each frame (the clock the
+    audio is placed on), not the moment the sink gets to it."""
+    path = tmp_path / "out.mp4"
+    times = [100.0, 100.1, 100.25, 100.3, 100.5]
+    with open_sink(str(path), width=W, height=H, fps=30, audio="aac") as sink:
+        for i, at in enumerate(times):
+            sink.send(counted(i), at)
+    frames, _ = decode(path)
+    assert [n for _, n in frames] == list(range(len(times)))
+    assert [t for t, _ in frames] == pytest.approx([at - times[0] for at in times], abs=1e-3)
+
+
 def test_file_sink_options_from_the_url(tmp_path):
     with open_sink(
         f"file:{tmp_path / 'o.mkv'}?preset=ultrafast&gop=5", width=W, height=H, fps=25

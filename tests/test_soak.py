@@ -97,13 +97,13 @@ class FlakySink(RecordingSink):
         super().__init__()
         self.rng, self.injected = rng, injected
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         if self.rng.random() < 0.003:
             self.injected["sink failure"] += 1
             raise OSError(28, "No space left on device")
         if len(self.times) > 1000:
             del self.times[:500]
-        super().send(image)
+        super().send(image, at)
 
 
 def run_soak(seconds: float, seed: int = 6) -> dict:

@@ -122,7 +122,7 @@ def test_output_keeps_sending_live_passthrough_while_the_engine_is_blocked_for_s
     sink = RecordingSink()
     frames: list[np.ndarray] = []
     send = sink.send
-    sink.send = lambda image: (send(image), frames.append(image.copy()))  # type: ignore[method-assign]
+    sink.send = lambda image, at=None: (send(image, at), frames.append(image.copy()))  # type: ignore[method-assign]
     safety = SafetySettings(stall_s=0.3, recover_after=2, fade_s=0.3)
     daemon = make_daemon([("rec", sink)], cost=0.01, fps=20, limits=Limits(frames=120))
     daemon.controller.engine = engine = BlockingEngine(block=3.0)
@@ -147,11 +147,11 @@ def test_output_keeps_sending_live_passthrough_while_the_engine_is_blocked_for_s
 class FailingSink(RecordingSink):
     """A local sink (virtual camera taken, disk full) that fails, then works when re-opened."""
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         if len(self.times) == 5:
             self.times.append(0.0)
             raise OSError(28, "No space left on device")
-        super().send(image)
+        super().send(image, at)
 
 
 def test_a_failed_local_sink_is_reopened_with_backoff_and_the_others_never_stop():

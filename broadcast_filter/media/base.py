@@ -104,8 +104,10 @@ class Sink(abc.ABC):
         self.audio = ""
 
     @abc.abstractmethod
-    def send(self, image: np.ndarray) -> None:
-        """Deliver one ``(height, width, 3)`` uint8 RGB frame (see :meth:`check`)."""
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
+        """Deliver one ``(height, width, 3)`` uint8 RGB frame (see :meth:`check`) going on
+        air at ``at`` (``time.monotonic()``; now if not given): sinks that keep time stamp
+        it with that, on the clock the audio is placed on."""
 
     def check(self, image: np.ndarray) -> None:
         """Raise ValueError unless ``image`` is a ``(height, width, 3)`` uint8 frame."""

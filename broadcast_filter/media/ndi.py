@@ -424,9 +424,9 @@ class NdiSink(Sink):
         """NDI timecode (UTC, 100 ns) of the monotonic time ``at``."""
         return round((at + self._utc_offset) * TICKS_PER_S)
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         self.check(image)
-        self._slot.put((image.copy(), time.monotonic()))
+        self._slot.put((image.copy(), time.monotonic() if at is None else at))
 
     def send_audio(
         self,

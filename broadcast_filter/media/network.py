@@ -366,9 +366,9 @@ class NetworkSink(Sink):
         """Frames dropped on the way to the encoder (see the class docstring)."""
         return self._buffer.dropped + self._dropped_before + self._child_dropped
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         self.check(image)
-        self._buffer.put((image.copy(), time.monotonic()))
+        self._buffer.put((image.copy(), time.monotonic() if at is None else at))
 
     def send_audio(
         self,

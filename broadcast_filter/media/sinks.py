@@ -37,7 +37,7 @@ class NullSink(Sink):
         super().__init__(width=width, height=height, fps=fps)
         self.frames = 0
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         self.check(image)
         self.frames += 1
 
@@ -98,7 +98,7 @@ class VirtualCameraSink(Sink):
             ) from e
         self.backend, self.device = self._camera.backend, self._camera.device
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         self.check(image)
         self._camera.send(image)
 
@@ -133,10 +133,11 @@ class FileSink(Sink):
     (``(rate, channels)``: the source's where it is known when the file opens, else 48 kHz
     stereo; audio in another format is converted to it, a file cannot change format) and
     both tracks share one timeline from the first :meth:`send` or :meth:`send_audio`
-    (``t0``): a frame sent at ``now`` gets ``pts = round((now - t0) * 90000)`` in
-    ``1/90000`` (the send time itself: frame numbers would round a late frame, and every
-    later one, onto the next slot), and audio is placed by the time it goes on air
-    (:class:`~broadcast_filter.media.aac.AacTrack`); audio due before ``t0`` is cut.
+    (``t0``): a frame on air at ``at`` (given to :meth:`send`; else its send time) gets
+    ``pts = round((at - t0) * 90000)`` in ``1/90000`` (the time itself: frame numbers
+    would round a late frame, and every later one, onto the next slot), and audio is
+    placed by the time it goes on air (:class:`~broadcast_filter.media.aac.AacTrack`);
+    audio due before ``t0`` is cut.
     """
 
     kind: ClassVar[str] = "file"
@@ -202,13 +203,13 @@ class FileSink(Sink):
         self._t0: float | None = None  # with audio: the time both tracks count from
         self._pts = -1
 
-    def send(self, image: np.ndarray) -> None:
+    def send(self, image: np.ndarray, at: float | None = None) -> None:
         self.check(image)
         self._pixels[...] = image
         if self.audio:
-            now = time.monotonic()
-            self._t0 = now if self._t0 is None else self._t0
-            self._pts = send_time_pts(self._pts, now, self._t0)
+            at = time.monotonic() if at is None else at
+            self._t0 = at if self._t0 is None else self._t0
+            self._pts = send_time_pts(self._pts, at, self._t0)
         else:
             self._pts = self.frames
         self._frame.pts = self._pts

@@ -384,13 +384,14 @@ class Daemon:
             if picture is None:  # nothing to show this tick; never a reason to stop output
                 self._send_audio(now)
                 continue
-            self.sinks.send(picture.image, now)
+            on_air = time.monotonic()  # every sink stamps the picture with this
+            self.sinks.send(picture.image, on_air)
             self._last_image = picture.image
             if self.sinks.dead and not self._stop.is_set():
                 self._fail("every sink failed")
             now = time.monotonic()
             fresh = picture.captured_at is not None and picture.key != last
-            latency = now - picture.captured_at if fresh else None
+            latency = on_air - picture.captured_at if fresh else None
             self.telemetry.frame_out(now, latency)
             if latency is not None:
                 self.delay.observe(latency, self._skipped.shown(picture.captured_at))

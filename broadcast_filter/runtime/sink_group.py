@@ -51,13 +51,15 @@ class SinkGroup:
         parts += [f"{name} failed" for name in list(self.failed)]
         return "; ".join(parts) or None
 
-    def send(self, image: np.ndarray, now: float) -> None:
-        """Send ``image`` to every open sink; a failing one is closed and scheduled again."""
+    def send(self, image: np.ndarray, at: float) -> None:
+        """Send ``image``, on air at ``at``, to every open sink (each stamps it with that one
+        time, whatever the sinks before it cost); a failing one is closed and scheduled
+        again."""
         for name, sink in list(self.sinks.items()):
             try:
-                sink.send(image)
+                sink.send(image, at)
             except Exception as exc:  # one sink's failure must not stop the others
-                self._failed(name, exc, now)
+                self._failed(name, exc, at)
 
     def send_audio(
         self,
