@@ -98,8 +98,11 @@ def match(
     uneven). A run's misfit is how many of its flashes stray more than ``FIT_S`` from the
     run's median lag, so one flash shown a frame late does not shift the rest, and a run
     shifted by a flash (its spacing off by frames here and there) fits worse than the true
-    one. Among runs that fit as well (an even spacing), the one nearest to where the
-    recording started (``zero_at``: about the daemon's time at the recording's time 0)."""
+    one. Where the spacing cannot tell (it is even: passthrough), the run whose offsets the
+    recording carries (within ``MATCH_S``), then the one nearest to where the recording
+    started (``zero_at``: about the daemon's time at the recording's time 0; a recorder
+    that is slow to start, on a loaded machine, makes that a second or more off). A
+    recording whose offsets are wrong fits no run's, so the checks still see it."""
     rec = [f for f, _ in recorded]
     sent = [t for t, _ in emitted]
     n = len(rec)
@@ -109,8 +112,9 @@ def match(
         lags = [rec[i] - sent[s + i] for i in range(n)]
         lag = statistics.median(lags)
         strays = sum(abs(x - lag) > FIT_S for x in lags)
-        fits.append((strays, abs(sent[s] - (zero_at + rec[0])), s))
-    strays, _, shift = min(fits)
+        off = sum(abs(m - emitted[s + i][1]) > MATCH_S for i, (_, m) in enumerate(recorded))
+        fits.append((strays, off, abs(sent[s] - (zero_at + rec[0])), s))
+    strays, _, _, shift = min(fits)
     assert 2 * strays < n, f"the recorded flashes are no run of the sent ones: {rec} vs {sent}"
     return [(m, emitted[shift + i][1]) for i, (_, m) in enumerate(recorded)]
 
